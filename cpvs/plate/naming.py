@@ -1,0 +1,57 @@
+"""File-name schemes of high-content microscopes.
+
+* Phenix / Opera (JUMP): ``r03c03f03p01-ch1sk1fk1fl1.tiff`` = row 3, column 3,
+  field 3, plane 1, channel 1, timepoint (sk) 1.
+* Yokogawa CV8000 / CV7000: ``PLATE_C03_T0001F003L01A01Z01C01.tif`` = well C03,
+  timepoint 1, field 3, timeline 1, action 1, plane 1, channel 1.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from cpvs.plate.wells import normalize_well, well_name
+
+PHENIX = re.compile(r"^r(\d{2})c(\d{2})f(\d{2,3})p(\d{2})-ch(\d+)sk(\d+)fk(\d+)fl(\d+)\.tiff?$", re.IGNORECASE)
+CV8000 = re.compile(
+    r"^(?P<plate>.+?)_(?P<well>[A-Za-z]{1,2}\d{2})_T(?P<t>\d{4})F(?P<f>\d{3})L(?P<l>\d{2})A(?P<a>\d{2})Z(?P<z>\d{2})C(?P<c>\d{2})\.tiff?$",
+    re.IGNORECASE,
+)
+
+
+@dataclass(frozen=True)
+class ParsedName:
+    well: str
+    site: int
+    plane: int
+    channel: int
+    timepoint: int
+    plate: str | None = None  # CV8000 names carry the plate; Phenix names do not
+
+
+def parse_phenix(name: str) -> ParsedName | None:
+    m = PHENIX.match(name)
+    if not m:
+        return None
+    r, c, f, p, ch, sk = (int(m.group(i)) for i in range(1, 7))
+    return ParsedName(well_name(r, c), f, p, ch, sk)
+
+
+def parse_cv8000(name: str) -> ParsedName | None:
+    m = CV8000.match(name)
+    if not m:
+        return None
+    return ParsedName(
+        normalize_well(m.group("well")), int(m.group("f")), int(m.group("z")), int(m.group("c")), int(m.group("t")), m.group("plate")
+    )
+
+
+def phenix_name(well: str, site: int, channel: int, plane: int = 1) -> str:
+    from cpvs.plate.wells import well_rowcol
+
+    r, c = well_rowcol(well)
+    return f"r{r:02d}c{c:02d}f{site:02d}p{plane:02d}-ch{channel}sk1fk1fl1.tiff"
+
+
+SCHEMES = {"phenix": parse_phenix, "cv8000": parse_cv8000}

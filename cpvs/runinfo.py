@@ -1,0 +1,89 @@
+"""Run records (``cpvs-run.json``) and atomic file writes.
+
+Every command that writes a folder records what produced it, so a later rerun can
+tell whether it is resuming the same job or being pointed at someone else's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import tempfile
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+from cpvs import __version__
+
+RUN_FILE = "cpvs-run.json"
+
+
+@contextmanager
+def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it onto ``path`` on success.
+
+    A killed job leaves only a ``.tmp-*`` file behind, never a half-written file
+    under the final name.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}.", suffix=suffix or path.suffix, dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def fingerprint(paths: list[Path], sample: int = 64) -> str:
+    """A cheap fingerprint of input files: the names and sizes of a sample of them.
+
+    Hashing every byte of a plate would cost as much as reading it; this is meant
+    to catch a resumed run pointed at different inputs, not tampering. Times are
+    left out so that a copied plate keeps its fingerprint.
+    """
+    h = hashlib.sha256()
+    paths = sorted(paths)
+    h.update(str(len(paths)).encode())
+    step = max(1, len(paths) // sample)
+    for p in paths[::step]:
+        st = p.stat()
+        h.update(f"{p.name}:{st.st_size}".encode())
+    return h.hexdigest()[:16]
+
+
+def run_record(command: str, params: dict[str, Any], inputs: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {
+        "cpvs_version": __version__,
+        "command": command,
+        "argv": sys.argv,
+        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "params": params,
+        "inputs": inputs or {},
+    }
+
+
+def write_run_record(folder: str | Path, command: str, params: dict[str, Any], inputs: dict[str, Any] | None = None, **extra: Any) -> Path:
+    rec = run_record(command, params, inputs)
+    rec.update(extra)
+    path = Path(folder) / RUN_FILE
+    write_json_atomic(path, rec)
+    return path
+
+
+def read_run_record(folder: str | Path) -> dict[str, Any] | None:
+    path = Path(folder) / RUN_FILE
+    if not path.exists():
+        return None
+    return json.loads(path.read_text())
