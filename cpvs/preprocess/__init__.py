@@ -1,0 +1,1 @@
+"""Preprocessing: illumination correction, resize, normalization and the chunked store."""
