@@ -64,17 +64,59 @@ _cpvs() {
             fi ;;
         train)
             case "$prev" in
+                --model) COMPREPLY=($(compgen -W "unet cwgan linear ddpm classifier dino ws-dino" -- "$cur")); return ;;
+                --data) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+                --out|-o) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+                --inputs) return ;;
+                --targets) return ;;
+                --crop) return ;;
+                --batch-size) return ;;
+                --epochs) return ;;
+                --steps-per-epoch) return ;;
+                --lr) return ;;
+                --weight-decay) return ;;
+                --depth) return ;;
+                --width) return ;;
+                --val-fraction) return ;;
+                --seed) return ;;
+                --precision) COMPREPLY=($(compgen -W "fp32 bf16 fp16" -- "$cur")); return ;;
+                --max-minutes) return ;;
+                --select) return ;;
+                --workers) return ;;
+                --init) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+                --critic-steps) return ;;
+                --lambda-l1) return ;;
+                --lambda-gp) return ;;
+                --critic-lr) return ;;
+                --critic-weight-decay) return ;;
+                --pixels) return ;;
             esac
             if [[ "$cur" == -* ]]; then
-                COMPREPLY=($(compgen -W "" -- "$cur"))
+                COMPREPLY=($(compgen -W "--model --data --out -o --inputs --targets --crop --batch-size --epochs --steps-per-epoch --lr --weight-decay --depth --width --val-fraction --seed --precision --resume --max-minutes --select --workers --init --critic-steps --lambda-l1 --lambda-gp --critic-lr --critic-weight-decay --pixels" -- "$cur"))
             else
                 COMPREPLY=($(compgen -f -- "$cur"))
             fi ;;
         predict-plate)
             case "$prev" in
+                --out|-o) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+                --checkpoint) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+                --model) COMPREPLY=($(compgen -W "unet cwgan linear ddpm classifier dino ws-dino" -- "$cur")); return ;;
+                --channel-map) return ;;
+                --platemap) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+                --plate-name) return ;;
+                --tile) return ;;
+                --stride) return ;;
+                --stitch) COMPREPLY=($(compgen -W "median mean" -- "$cur")); return ;;
+                --batch-size) return ;;
+                --precision) COMPREPLY=($(compgen -W "fp32 bf16 fp16" -- "$cur")); return ;;
+                --dtype) COMPREPLY=($(compgen -W "uint16 float32" -- "$cur")); return ;;
+                --shard) return ;;
+                --workers) return ;;
+                --illum-fields) return ;;
+                --on-error) COMPREPLY=($(compgen -W "raise skip" -- "$cur")); return ;;
             esac
             if [[ "$cur" == -* ]]; then
-                COMPREPLY=($(compgen -W "" -- "$cur"))
+                COMPREPLY=($(compgen -W "--out -o --checkpoint --model --channel-map --platemap --plate-name --tile --stride --stitch --batch-size --precision --dtype --shard --workers --illum-fields --on-error" -- "$cur"))
             else
                 COMPREPLY=($(compgen -f -- "$cur"))
             fi ;;
@@ -96,9 +138,16 @@ _cpvs() {
             fi ;;
         evaluate)
             case "$prev" in
+                --pred) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+                --truth) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+                --out|-o) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+                --channels) return ;;
+                --truth-channel-map) return ;;
+                --truth-illum-size) return ;;
+                --workers) return ;;
             esac
             if [[ "$cur" == -* ]]; then
-                COMPREPLY=($(compgen -W "" -- "$cur"))
+                COMPREPLY=($(compgen -W "--images --pred --truth --out -o --channels --truth-channel-map --truth-illum-size --workers" -- "$cur"))
             else
                 COMPREPLY=($(compgen -f -- "$cur"))
             fi ;;

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import os
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -98,21 +99,24 @@ def cli_errors(fn: Callable) -> Callable:
 
 
 @contextmanager
-def progress_bar(quiet: bool) -> Iterator[Callable[[str, int, int], None]]:
-    """A ``(stage, completed, total)`` callback driving one rich bar per stage."""
-    if quiet:
-        yield lambda *_: None
+def progress_bar(quiet: bool) -> Iterator[Callable[..., None]]:
+    """A ``(stage, completed, total, info="")`` callback driving one rich bar per stage.
+
+    Under torchrun only rank 0 shows progress.
+    """
+    if quiet or os.environ.get("RANK", "0") != "0":
+        yield lambda *a, **k: None
         return
     with Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TextColumn("eta"), TimeRemainingColumn(), console=err_console, transient=False,
+        TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=err_console, transient=False,
     ) as prog:
         tasks: dict[str, int] = {}
 
-        def update(stage: str, completed: int, total: int) -> None:
+        def update(stage: str, completed: int, total: int, info: str = "") -> None:
             if stage not in tasks:
-                tasks[stage] = prog.add_task(stage, total=total)
-            prog.update(tasks[stage], completed=completed, total=total)
+                tasks[stage] = prog.add_task(stage, total=total, info=info)
+            prog.update(tasks[stage], completed=completed, total=total, info=info)
 
         yield update
 
@@ -297,23 +301,163 @@ def _not_built(command: str, capability: str) -> None:
     raise typer.Exit(2)
 
 
-@app.command(context_settings=_LATER)
-def train(ctx: typer.Context) -> None:
-    """Train a model on a preprocessed store: unet | cwgan | ddpm | classifier | dino | ws-dino.
+class Model(str, Enum):
+    unet = "unet"
+    cwgan = "cwgan"
+    linear = "linear"
+    ddpm = "ddpm"
+    classifier = "classifier"
+    dino = "dino"
+    ws_dino = "ws-dino"
 
-    Not available yet: arrives with "Virtual staining I" (unet, cwgan), "Virtual staining II"
-    (ddpm, classifier) and "Self-supervised profiling" (dino, ws-dino).
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class Stitch(str, Enum):
+    median = "median"
+    mean = "mean"
+
+
+class OutDtype(str, Enum):
+    uint16 = "uint16"
+    float32 = "float32"
+
+
+LATER_MODELS = {
+    "ddpm": "Virtual staining II: class-guided image-to-image diffusion",
+    "classifier": "Virtual staining II: class-guided image-to-image diffusion",
+    "dino": "Self-supervised profiling: DINO and WS-DINO training",
+    "ws-dino": "Self-supervised profiling: DINO and WS-DINO training",
+}
+
+
+@app.command()
+@cli_errors
+def train(
+    ctx: typer.Context,
+    model: Annotated[Model, typer.Option(help="Model family: unet (L1), cwgan (cWGAN-GP from a U-Net), linear (per-pixel least-squares baseline).")],
+    data: Annotated[Path, typer.Option(help="Store written by `cpvs preprocess`.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: checkpoints/, metrics.parquet, cpvs-run.json.")],
+    inputs: Annotated[Optional[str], typer.Option(help="Comma-separated input channels (default: the store's brightfield planes).")] = None,
+    targets: Annotated[Optional[str], typer.Option(help="Comma-separated output channels (default: the store's Cell Painting stains).")] = None,
+    crop: Annotated[int, typer.Option(help="Side of the random training crops, in pixels of the store.")] = 256,
+    batch_size: Annotated[Optional[int], typer.Option(help="Crops per step (default: 10 for unet, 4 for cwgan, as published).")] = None,
+    epochs: Annotated[int, typer.Option(help="Epochs (validation and checkpoints after each).")] = 50,
+    steps_per_epoch: Annotated[int, typer.Option(help="Optimizer steps per epoch (cwgan: generator steps).")] = 300,
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 2e-4,
+    weight_decay: Annotated[float, typer.Option(help="Adam weight decay of the U-Net / generator.")] = 2e-4,
+    depth: Annotated[int, typer.Option(help="U-Net levels (6 = published; crops must be multiples of 2^(depth-1) px).")] = 6,
+    width: Annotated[int, typer.Option(help="Filters of the first U-Net level, doubled per level (32 = published, ~31 M parameters).")] = 32,
+    val_fraction: Annotated[float, typer.Option(help="Fraction of fields held out for validation (a band of rows per field when there are fewer than 10 fields).")] = 0.1,
+    seed: Annotated[int, typer.Option(help="Seed of weights, crops and split; the same seed reproduces a CPU run.")] = 0,
+    precision: Annotated[Precision, typer.Option(help="Autocast precision on GPU (the CPU always computes in fp32).")] = Precision.bf16,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last finished epoch.")] = False,
+    max_minutes: Annotated[Optional[float], typer.Option(help="Stop after the epoch during which this many minutes have passed (resume later with --resume).")] = None,
+    select: Annotated[str, typer.Option(help="Validation metric choosing checkpoints/best.pt: pcc, ssim, psnr, mae, mse or val_l1.")] = "pcc",
+    workers: Annotated[int, typer.Option(help="Threads reading crops from the store.")] = 2,
+    init: Annotated[Optional[Path], typer.Option(help="cwgan: U-Net run folder or checkpoint the generator starts from.")] = None,
+    critic_steps: Annotated[int, typer.Option(help="cwgan: critic updates per generator update.")] = 5,
+    lambda_l1: Annotated[float, typer.Option(help="cwgan: weight of the L1 term of the generator loss.")] = 100.0,
+    lambda_gp: Annotated[float, typer.Option(help="cwgan: weight of the gradient penalty of the critic loss.")] = 10.0,
+    critic_lr: Annotated[float, typer.Option(help="cwgan: critic Adam learning rate.")] = 2e-4,
+    critic_weight_decay: Annotated[float, typer.Option(help="cwgan: critic Adam weight decay.")] = 1e-3,
+    pixels: Annotated[int, typer.Option(help="linear: training pixels sampled for the least-squares fit.")] = 2_000_000,
+) -> None:
+    """Train a model on a preprocessed store.
+
+    unet: L1 U-Net from brightfield planes to Cell Painting stains (Adam 2e-4, weight decay 2e-4,
+    random 256² crops, batch 10). cwgan: conditional Wasserstein GAN with gradient penalty, the
+    generator initialised from a U-Net (--init); lambda_e = 1/epoch. linear: the per-pixel
+    least-squares baseline. Each epoch ends with validation image metrics in metrics.parquet,
+    checkpoints/last.pt and (when the --select metric improved) checkpoints/best.pt.
+    Under torchrun, every process trains on its own crops (DDP) and rank 0 writes.
     """
-    _not_built("train", "Virtual staining I: U-Net and cWGAN-GP training")
+    if model.value in LATER_MODELS:
+        _not_built(f"train --model {model.value}", LATER_MODELS[model.value])
+    from cpvs.train.staining import StainingConfig, train_staining
+
+    st = _state(ctx)
+    cfg = StainingConfig(
+        model=model.value, data=data, out=out, inputs=_channels(inputs), targets=_channels(targets), crop=crop,
+        batch_size=batch_size, epochs=epochs, steps_per_epoch=steps_per_epoch, lr=lr, weight_decay=weight_decay,
+        depth=depth, width=width, val_fraction=val_fraction, seed=seed, precision=precision.value, device=st.device,
+        resume=resume, max_minutes=max_minutes, select=select, workers=workers, init=init, critic_steps=critic_steps,
+        lambda_l1=lambda_l1, lambda_gp=lambda_gp, critic_lr=critic_lr, critic_weight_decay=critic_weight_decay, pixels=pixels,
+    )
+    with progress_bar(st.quiet) as cb:
+        res = train_staining(cfg, progress=cb)
+    if st.quiet or os.environ.get("RANK", "0") != "0":
+        return
+    t = Table(title=f"{res.family} ({res.n_parameters / 1e6:.2f} M parameters) on {res.device}: {res.run}", title_justify="left")
+    cols = [c for c in ("epoch", "train_l1", "loss_critic", "loss_generator", "val_l1", "mae", "ssim", "psnr", "pcc") if c in res.metrics]
+    for c in cols:
+        t.add_column(c, justify="right")
+    for _, row in res.metrics.iterrows():
+        t.add_row(*[f"{row[c]:.4g}" if c != "epoch" else str(int(row[c])) for c in cols])
+    out_console.print(t)
+    if res.best_epoch is not None:
+        out_console.print(f"best epoch {res.best_epoch} by {select}: " + ", ".join(
+            f"{m} {res.best[m]:.3f}" for m in ("pcc", "ssim") if m in res.best) + f" -> {res.run / 'checkpoints' / 'best.pt'}")
+    if res.stopped_early:
+        out_console.print(f"[yellow]stopped after {res.epochs_done} epochs (--max-minutes); continue with --resume[/]")
 
 
-@app.command("predict-plate", context_settings=_LATER)
-def predict_plate(ctx: typer.Context) -> None:
-    """Predict the Cell Painting channels of a whole plate from brightfield (tiles, overlap-median stitching).
+@app.command("predict-plate")
+@cli_errors
+def predict_plate(
+    ctx: typer.Context,
+    plate: Annotated[Path, typer.Argument(metavar="PLATE", help="Plate folder or LoadData CSV with the brightfield input planes.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the predicted plate (TIFFs, load_data.csv, channel_map.csv).")],
+    checkpoint: Annotated[Optional[Path], typer.Option(help="Checkpoint file or run folder (its checkpoints/best.pt).")] = None,
+    model: Annotated[Optional[Model], typer.Option(help="Model family the checkpoint must be (a check; the checkpoint says what it is).")] = None,
+    channel_map: Annotated[Optional[str], typer.Option(help="Channel map of the input plate: preset, file or inline (default: the plate's channel_map.csv, else jump).")] = None,
+    platemap: Annotated[Optional[Path], typer.Option(help="Platemap joined into load_data.csv (default: platemap.csv in the plate folder).")] = None,
+    plate_name: Annotated[Optional[str], typer.Option(help="Plate name (default: from the files or the folder).")] = None,
+    tile: Annotated[int, typer.Option(help="Tile side in pixels of the model's input resolution.")] = 256,
+    stride: Annotated[int, typer.Option(help="Tile step in pixels (128 = half a tile: interior pixels are covered by 4 tiles).")] = 128,
+    stitch: Annotated[Stitch, typer.Option(help="How overlapping tiles are combined per pixel.")] = Stitch.median,
+    batch_size: Annotated[int, typer.Option(help="Tiles per model call (tiles of several fields share a batch).")] = 16,
+    precision: Annotated[Precision, typer.Option(help="Autocast precision on GPU (the CPU always computes in fp32).")] = Precision.bf16,
+    dtype: Annotated[OutDtype, typer.Option(help="Output TIFF type: uint16 intensities (clipped to 0..65535) or float32.")] = OutDtype.uint16,
+    shard: Annotated[Optional[str], typer.Option(help="Process shard I of N (e.g. 2/3): every N-th field from the I-th; for job arrays.")] = None,
+    workers: Annotated[int, typer.Option(help="Reader and writer threads each.")] = 2,
+    illum_fields: Annotated[int, typer.Option(help="Fields (evenly spaced over the plate) averaged for the input illumination correction.")] = 256,
+    on_error: Annotated[OnError, typer.Option(help="raise: stop at the first bad field; skip: leave it out and report it.")] = OnError.raise_,
+) -> None:
+    """Predict the Cell Painting channels of a whole plate from brightfield.
 
-    Not available yet: arrives with "Virtual staining I" (unet, cwgan) and "Virtual staining II" (ddpm).
+    Applies the checkpoint's own preprocessing to the raw TIFFs, tiles each field (256² tiles,
+    stride 128, the last tiles flush with the border), predicts batches of tiles on the device,
+    stitches each pixel as the median of the tiles covering it, undoes the normalization and
+    writes one TIFF per channel and field with the input plate's naming, plus load_data.csv,
+    so `cpvs profile` or CellProfiler read the result directly. Finished fields are skipped on
+    a rerun; --shard splits a plate over a job array (see examples/slurm/).
     """
-    _not_built("predict-plate", "Virtual staining I: whole-plate prediction with overlap-median stitching")
+    if model is not None and model.value in LATER_MODELS:
+        _not_built(f"predict-plate --model {model.value}", LATER_MODELS[model.value])
+    if checkpoint is None:
+        raise CpvsError("--checkpoint is required: cpvs ships no weights", hint="pass a run folder from `cpvs train` or a checkpoint file")
+    from cpvs.predict.runner import PredictConfig, parse_shard, predict_plate as run
+
+    st = _state(ctx)
+    cfg = PredictConfig(
+        plate=plate, out=out, checkpoint=checkpoint, model=model.value if model else None, channel_map=channel_map,
+        platemap=platemap, plate_name=plate_name, tile=tile, stride=stride, stitch=stitch.value, batch_size=batch_size,
+        device=st.device, precision=precision.value, dtype=dtype.value, shard=parse_shard(shard), workers=workers,
+        illum_fields=illum_fields, on_error=on_error.value,
+    )
+    with progress_bar(st.quiet) as cb:
+        res = run(cfg, progress=cb)
+    if not st.quiet:
+        rate = res.n_written / res.seconds if res.seconds else 0
+        out_console.print(
+            f"predicted {', '.join(res.channels)} for {res.n_fields} fields on {res.device}: {res.n_written} written "
+            f"({rate:.2f} fields/s), {res.n_resumed} already done, {len(res.skipped)} skipped -> {res.out}"
+        )
 
 
 @app.command(context_settings=_LATER)
@@ -334,13 +478,67 @@ def profile(ctx: typer.Context) -> None:
     _not_built("profile", "Profiling: segmentation, CellProfiler-compatible features, cpvs profile")
 
 
-@app.command(context_settings=_LATER)
-def evaluate(ctx: typer.Context) -> None:
-    """Evaluate images or profiles: image metrics, CPcor, NSC/NSCB, target matching, toxicity, mAP, report.
+EVALUATE_LATER = ("--nsc", "--nscb", "--target", "--cpcor", "--toxicity", "--active", "--map", "--fid", "--report")
 
-    Not available yet: arrives with "Virtual staining I" (--images) and "Evaluation suite" (the rest).
+
+@app.command(context_settings=_LATER)
+@cli_errors
+def evaluate(
+    ctx: typer.Context,
+    images: Annotated[bool, typer.Option("--images", help="Image metrics (MAE, MSE, SSIM, PSNR, PCC per channel) of --pred against --truth.")] = False,
+    pred: Annotated[Optional[Path], typer.Option(help="Predicted plate folder (from predict-plate).")] = None,
+    truth: Annotated[Optional[Path], typer.Option(help="Ground-truth plate folder or LoadData CSV with the real stains.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for image_metrics.json and image_metrics_per_field.parquet.")] = None,
+    channels: Annotated[Optional[str], typer.Option(help="Comma-separated channels to compare (default: the predicted stains).")] = None,
+    truth_channel_map: Annotated[Optional[str], typer.Option(help="Channel map of the truth plate (default: its channel_map.csv, else jump).")] = None,
+    truth_illum_size: Annotated[int, typer.Option(help="Illumination-correct the truth per plate and channel with this median filter size in px (0: compare raw).")] = 249,
+    workers: Annotated[int, typer.Option(help="Threads reading fields.")] = 2,
+) -> None:
+    """Evaluate predictions or profiles.
+
+    --images: per channel MAE, MSE, SSIM, PSNR (8-bit, data range 255) and Pearson correlation,
+    mean and std over fields, on screen and as JSON/Parquet with the per-field values.
+    Profile evaluations (NSC/NSCB, target matching, CPcor, toxicity, mAP, report) arrive with
+    the "Evaluation suite" capability.
     """
-    _not_built("evaluate", "Evaluation suite: NSC/NSCB, target matching, feature correlation, toxicity")
+    later = [a for a in ctx.args if a.split("=")[0] in EVALUATE_LATER]
+    if later or (ctx.args and not images):
+        _not_built(f"evaluate {' '.join(later or ctx.args)}", "Evaluation suite: NSC/NSCB, target matching, feature correlation, toxicity")
+    if ctx.args:
+        raise CpvsError(f"unexpected argument(s): {' '.join(ctx.args)}", hint="see cpvs evaluate --help")
+    if not images:
+        raise CpvsError("nothing to evaluate", hint="pass --images --pred OUT --truth PLATE")
+    if pred is None or truth is None:
+        raise CpvsError("--images needs --pred (a predicted plate) and --truth (the real plate)")
+    import json
+
+    from cpvs.evaluate.images import evaluate_images
+
+    st = _state(ctx)
+    with progress_bar(st.quiet) as cb:
+        res = evaluate_images(pred, truth, channels=_channels(channels), truth_channel_map=truth_channel_map,
+                              truth_illum_size=truth_illum_size, workers=workers, progress=cb)
+    if out is not None:
+        from cpvs.runinfo import atomic_path, write_json_atomic, write_run_record
+
+        out.mkdir(parents=True, exist_ok=True)
+        with atomic_path(out / "image_metrics_per_field.parquet") as tmp:
+            res.per_field.to_parquet(tmp, index=False)
+        write_json_atomic(out / "image_metrics.json", {"n_fields": res.n_fields, "channels": res.channels,
+                                                        "summary": json.loads(res.summary.to_json(orient="records"))})
+        write_run_record(out, "evaluate", {"images": True, "pred": str(pred), "truth": str(truth), "channels": res.channels,
+                                           "truth_illum_size": truth_illum_size})
+    if st.quiet:
+        return
+    t = Table(title=f"image metrics over {res.n_fields} fields (mean ± std)", title_justify="left")
+    t.add_column("channel")
+    for m in ("mae", "mse", "ssim", "psnr", "pcc"):
+        t.add_column(m.upper() if m != "pcc" else "PCC", justify="right")
+    for _, r in res.summary.iterrows():
+        t.add_row(r["channel"], *[f"{r[m + '_mean']:.3f} ± {r[m + '_std']:.3f}" for m in ("mae", "mse", "ssim", "psnr", "pcc")])
+    out_console.print(t)
+    if out is not None:
+        out_console.print(f"written to {out}")
 
 
 def main() -> None:

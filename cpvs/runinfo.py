@@ -74,10 +74,11 @@ def run_record(command: str, params: dict[str, Any], inputs: dict[str, Any] | No
     }
 
 
-def write_run_record(folder: str | Path, command: str, params: dict[str, Any], inputs: dict[str, Any] | None = None, **extra: Any) -> Path:
+def write_run_record(folder: str | Path, command: str, params: dict[str, Any], inputs: dict[str, Any] | None = None,
+                     name: str = RUN_FILE, **extra: Any) -> Path:
     rec = run_record(command, params, inputs)
     rec.update(extra)
-    path = Path(folder) / RUN_FILE
+    path = Path(folder) / name
     write_json_atomic(path, rec)
     return path
 

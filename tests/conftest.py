@@ -52,3 +52,28 @@ def sim_plate(sim_root, tmp_path) -> Path:
     dst = tmp_path / "plate"
     shutil.copytree(sim_root / "SIM3-P01", dst)
     return dst
+
+
+@pytest.fixture(scope="session")
+def sim_store(sim_root, tmp_path_factory) -> Path:
+    """Both simulated plates preprocessed into one store."""
+    from cpvs.plate import discover_plates
+    from cpvs.preprocess.pipeline import preprocess_plates
+
+    plates = [p for d in sorted(sim_root.glob("SIM3-P*")) for p in discover_plates(d)]
+    out = tmp_path_factory.mktemp("store") / "sim.zarr"
+    preprocess_plates(plates, out, workers=2)
+    return out
+
+
+TINY_UNET = dict(crop=64, depth=3, width=4, epochs=2, steps_per_epoch=3, batch_size=2, workers=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_unet(sim_store, tmp_path_factory) -> Path:
+    """A U-Net run folder trained for a few steps (enough to exercise every path, not to be good)."""
+    from cpvs.train.staining import StainingConfig, train_staining
+
+    run = tmp_path_factory.mktemp("runs") / "unet"
+    train_staining(StainingConfig("unet", sim_store, run, device="cpu", **TINY_UNET))
+    return run

@@ -56,9 +56,12 @@ def test_version_and_bad_device():
     assert r.exit_code == 2 and "--device" in r.output
 
 
-@pytest.mark.parametrize("command", ["train", "predict-plate", "embed", "profile", "evaluate"])
+@pytest.mark.parametrize("command", [
+    ["embed", "plate", "--checkpoint", "run"], ["profile", "plate"], ["evaluate", "table.csv", "--nsc", "--nscb"],
+    ["train", "--model", "dino", "--data", "s.zarr", "-o", "run"], ["predict-plate", "plate", "--model", "ddpm", "-o", "out"],
+])
 def test_commands_not_built_yet_refuse_with_exit_2(command):
-    r = run(command, "--model", "unet", "somewhere")
+    r = run(*command)
     assert r.exit_code == 2
     assert "not built yet" in r.output and "Nothing was done" in r.output
 

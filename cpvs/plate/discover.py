@@ -13,6 +13,7 @@ from cpvs.plate.naming import SCHEMES, ParsedName, phenix_name
 from cpvs.plate.platemap import find_platemap, join_platemap
 
 LOAD_DATA_NAMES = ("load_data.csv", "loaddata.csv", "load_data.tsv")
+CHANNEL_MAP_NAME = "channel_map.csv"
 
 
 def _image_files(folder: Path) -> list[Path]:
@@ -107,6 +108,8 @@ def _discover_folder(folder: Path, channel_map, channels, plate_name, on_error) 
             folder,
             "move one timepoint's files to their own folder",
         )
+    if channel_map is None and (folder / CHANNEL_MAP_NAME).exists():
+        channel_map = folder / CHANNEL_MAP_NAME  # plates cpvs writes carry their own map
     cmap = channel_map if isinstance(channel_map, ChannelMap) else load_channel_map(channel_map)
     planes_of: dict[int, set[int]] = defaultdict(set)
     for _, n in parsed:
@@ -153,7 +156,7 @@ def _discover_folder(folder: Path, channel_map, channels, plate_name, on_error) 
         plates[plate][(n.well, n.site)][nm] = p
     out = []
     for pname, fields in plates.items():
-        plate = Plate(pname, folder, scheme, list(wanted), [], ignored_channels=ignored)
+        plate = Plate(pname, folder, scheme, list(wanted), [], ignored_channels=ignored, channel_map=cmap)
         for (well, site), chans in fields.items():
             missing = [c for c in wanted if c not in chans]
             if missing:

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
 from cpvs.plate.wells import well_rowcol
+
+if TYPE_CHECKING:
+    from cpvs.plate.channels import ChannelMap
 
 
 @dataclass
@@ -41,6 +45,7 @@ class Plate:
     skipped: list[dict] = field(default_factory=list)  # fields dropped with --on-error skip, with reasons
     ignored_channels: list[str] = field(default_factory=list)  # channels on disk the map does not name
     platemap_path: Path | None = None
+    channel_map: "ChannelMap | None" = None  # the map that named the files' channels (Phenix/CV8000)
 
     def table(self) -> pd.DataFrame:
         """One row per field: Metadata_Plate/Well/Site plus the joined platemap columns."""

@@ -118,3 +118,18 @@ class Store:
 
     def illumination(self, plate: str) -> np.ndarray:
         return np.asarray(self.group["illum"][plate][:])
+
+    def normalization(self, channels: list[str]) -> dict:
+        """How the store's images were made from raw TIFFs, for a model to do the same at
+        prediction time and to map its outputs back to intensities."""
+        p = self.attrs["params"]
+        shapes = [v["shape"] for v in self.attrs.get("illum_done", {}).values()]
+        return {
+            "illum_size": p["illum_size"],
+            "size": p["size"],
+            "native_shape": shapes[0] if shapes else list(self.shape),
+            "resize_method": p["resize_method"],
+            "clip": p["clip"],
+            "zscore": "per image and channel",
+            "channel_stats": {c: self.attrs["channel_stats"][c] for c in channels},
+        }

@@ -1,0 +1,3 @@
+from cpvs.cli import main
+
+main()
