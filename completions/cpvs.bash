@@ -138,16 +138,35 @@ _cpvs() {
             fi ;;
         evaluate)
             case "$prev" in
-                --pred) COMPREPLY=($(compgen -f -- "$cur")); return ;;
                 --truth) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+                --truth-plate) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+                --pred) COMPREPLY=($(compgen -f -- "$cur")); return ;;
                 --out|-o) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+                --report) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+                --moa-col) return ;;
+                --compound-col) return ;;
+                --batch-col) return ;;
+                --perturbation-cols) return ;;
+                --target-col) return ;;
+                --control-col) return ;;
+                --derive) return ;;
+                --negative-query) return ;;
+                --positive-query) return ;;
+                --aggregate) COMPREPLY=($(compgen -W "median mean" -- "$cur")); return ;;
+                --match-cols) return ;;
+                --method) COMPREPLY=($(compgen -W "spearman pearson" -- "$cur")); return ;;
+                --k) return ;;
+                --rounds) return ;;
+                --null-size) return ;;
+                --seed) return ;;
+                --fid-network) COMPREPLY=($(compgen -f -- "$cur")); return ;;
                 --channels) return ;;
                 --truth-channel-map) return ;;
                 --truth-illum-size) return ;;
                 --workers) return ;;
             esac
             if [[ "$cur" == -* ]]; then
-                COMPREPLY=($(compgen -W "--images --pred --truth --out -o --channels --truth-channel-map --truth-illum-size --workers" -- "$cur"))
+                COMPREPLY=($(compgen -W "--nsc --nscb --target --cpcor --toxicity --active --map --images --fid --truth --truth-plate --pred --out -o --report --json --moa-col --compound-col --batch-col --perturbation-cols --target-col --control-col --derive --negative-query --positive-query --aggregate --match-cols --method --k --rounds --null-size --seed --fid-network --channels --truth-channel-map --truth-illum-size --workers" -- "$cur"))
             else
                 COMPREPLY=($(compgen -f -- "$cur"))
             fi ;;

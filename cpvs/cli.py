@@ -269,13 +269,14 @@ def demo(
 ) -> None:
     """Run the whole chain built so far on a built-in simulated example.
 
-    Today: simulate two plates -> preprocess them into one store -> summary.
+    Today: simulate two plates -> preprocess plate 1 -> train a small U-Net and the per-pixel
+    linear baseline -> predict plate 2 (another batch) -> image metrics against its real stains.
     """
     from cpvs.demo import run_demo
 
     st = _state(ctx)
     with progress_bar(st.quiet) as cb:
-        summary = run_demo(out, size=size, wells=wells, sites=sites, workers=workers, progress=cb)
+        summary = run_demo(out, size=size, wells=wells, sites=sites, workers=workers, device=st.device, progress=cb)
     if st.quiet:
         return
     t = Table(title="cpvs demo", title_justify="left")
@@ -478,67 +479,229 @@ def profile(ctx: typer.Context) -> None:
     _not_built("profile", "Profiling: segmentation, CellProfiler-compatible features, cpvs profile")
 
 
-EVALUATE_LATER = ("--nsc", "--nscb", "--target", "--cpcor", "--toxicity", "--active", "--map", "--fid", "--report")
+class Aggregation(str, Enum):
+    median = "median"
+    mean = "mean"
 
 
-@app.command(context_settings=_LATER)
+class CorrMethod(str, Enum):
+    spearman = "spearman"
+    pearson = "pearson"
+
+
+def _is_table(path: Path) -> bool:
+    name = path.name.lower()
+    if path.is_dir():
+        return False
+    from cpvs.plate.loaddata import is_load_data
+
+    return name.endswith((".parquet", ".pq", ".tsv", ".tsv.gz", ".csv.gz")) or (name.endswith(".csv") and not is_load_data(path))
+
+
+@app.command()
 @cli_errors
 def evaluate(
     ctx: typer.Context,
-    images: Annotated[bool, typer.Option("--images", help="Image metrics (MAE, MSE, SSIM, PSNR, PCC per channel) of --pred against --truth.")] = False,
-    pred: Annotated[Optional[Path], typer.Option(help="Predicted plate folder (from predict-plate).")] = None,
-    truth: Annotated[Optional[Path], typer.Option(help="Ground-truth plate folder or LoadData CSV with the real stains.")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for image_metrics.json and image_metrics_per_field.parquet.")] = None,
-    channels: Annotated[Optional[str], typer.Option(help="Comma-separated channels to compare (default: the predicted stains).")] = None,
+    profiles: Annotated[Optional[Path], typer.Argument(metavar="PROFILES", help="Profile table (CSV/TSV/Parquet with Metadata_ columns): cpvs profile/embed output or any CellProfiler/pycytominer table.")] = None,
+    nsc: Annotated[bool, typer.Option("--nsc", help="MOA matching: nearest neighbour (cosine) among treatments of other compounds.")] = False,
+    nscb: Annotated[bool, typer.Option("--nscb", help="MOA matching among treatments of other compounds and other batches.")] = False,
+    target: Annotated[bool, typer.Option("--target", help="Target matching: top-1 and top-k neighbours sharing a target, and MTdist.")] = False,
+    cpcor: Annotated[bool, typer.Option("--cpcor", help="Per-feature correlation of PROFILES with --truth profiles of the same images/wells.")] = False,
+    toxicity: Annotated[bool, typer.Option("--toxicity", help="k-NN toxicity calls trained on controls (needs --positive-query).")] = False,
+    active: Annotated[bool, typer.Option("--active", help="Active subset: PCA, distance to negative controls, 1-D k-means (k = 3).")] = False,
+    map_: Annotated[bool, typer.Option("--map", help="Mean average precision (copairs) of replicate, MOA and target retrieval, with p-values.")] = False,
+    images: Annotated[bool, typer.Option("--images", help="Image metrics (MAE, MSE, SSIM, PSNR, PCC per channel) of --pred against the truth plate.")] = False,
+    fid: Annotated[bool, typer.Option("--fid", help="Fréchet distance per channel of --pred images against the truth plate (needs --fid-network).")] = False,
+    truth: Annotated[Optional[Path], typer.Option(help="Ground truth: a profile table (for --cpcor, --toxicity) or a plate (for --images, --fid).")] = None,
+    truth_plate: Annotated[Optional[Path], typer.Option(help="Ground-truth plate when --truth is a profile table.")] = None,
+    pred: Annotated[Optional[Path], typer.Option(help="Predicted plate folder (from predict-plate) for --images, --fid and the report's image grids.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for results.json and Parquet tables of every evaluation.")] = None,
+    report: Annotated[Optional[Path], typer.Option(help="Folder for a self-contained HTML report (report.html).")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the results as JSON on stdout instead of tables.")] = False,
+    moa_col: Annotated[str, typer.Option(help="MOA column (matched case-insensitively).")] = "Metadata_MOA",
+    compound_col: Annotated[str, typer.Option(help="Compound column: same-compound neighbours are excluded.")] = "Metadata_Compound",
+    batch_col: Annotated[str, typer.Option(help="Batch column for NSCB (see --derive to make one).")] = "Metadata_Batch",
+    perturbation_cols: Annotated[str, typer.Option(help="Comma-separated columns defining a treatment/perturbation.")] = "Metadata_Compound,Metadata_Concentration",
+    target_col: Annotated[str, typer.Option(help="Target column; several targets separated by |.")] = "Metadata_Target",
+    control_col: Annotated[str, typer.Option(help="Control-type column (negcon / poscon / trt), used for the default --negative-query.")] = "Metadata_ControlType",
+    derive: Annotated[Optional[list[str]], typer.Option(help="Add a column from a regex group of another: NEW=SOURCE:REGEX, e.g. 'Metadata_Batch=Metadata_Plate:^(Week\\d+)'. Repeatable.")] = None,
+    negative_query: Annotated[Optional[str], typer.Option(help="Rows that are negative controls (default: control column == 'negcon', else MOA or compound == 'DMSO').")] = None,
+    positive_query: Annotated[Optional[str], typer.Option(help="Rows that are positive (toxic) controls, e.g. \"Metadata_ControlType == 'poscon'\".")] = None,
+    aggregate: Annotated[Aggregation, typer.Option(help="How wells are aggregated to treatments.")] = Aggregation.median,
+    match_cols: Annotated[Optional[str], typer.Option(help="--cpcor: comma-separated columns matching prediction and truth rows (default: plate, well, site).")] = None,
+    method: Annotated[CorrMethod, typer.Option(help="--cpcor correlation.")] = CorrMethod.spearman,
+    k: Annotated[int, typer.Option(help="--target: neighbours counted for the top-k match.")] = 5,
+    rounds: Annotated[int, typer.Option(help="--toxicity: resampling rounds of the majority vote.")] = 100,
+    null_size: Annotated[int, typer.Option(help="--map: size of copairs' null distribution for p-values.")] = 10000,
+    seed: Annotated[int, typer.Option(help="Seed of resampling, null distributions and embeddings.")] = 0,
+    fid_network: Annotated[Optional[Path], typer.Option(help="--fid: local Inception-v3 weights (torchvision layout) or a cpvs embed checkpoint; never downloaded.")] = None,
+    channels: Annotated[Optional[str], typer.Option(help="--images/--fid: channels to compare (default: the predicted stains).")] = None,
     truth_channel_map: Annotated[Optional[str], typer.Option(help="Channel map of the truth plate (default: its channel_map.csv, else jump).")] = None,
-    truth_illum_size: Annotated[int, typer.Option(help="Illumination-correct the truth per plate and channel with this median filter size in px (0: compare raw).")] = 249,
-    workers: Annotated[int, typer.Option(help="Threads reading fields.")] = 2,
+    truth_illum_size: Annotated[int, typer.Option(help="Illumination-correct the truth images per plate and channel with this median filter size in px (0: raw).")] = 249,
+    workers: Annotated[int, typer.Option(help="Threads reading images.")] = 2,
 ) -> None:
-    """Evaluate predictions or profiles.
+    """Evaluate profiles and predicted images the way the field does.
 
-    --images: per channel MAE, MSE, SSIM, PSNR (8-bit, data range 255) and Pearson correlation,
-    mean and std over fields, on screen and as JSON/Parquet with the per-field values.
-    Profile evaluations (NSC/NSCB, target matching, CPcor, toxicity, mAP, report) arrive with
-    the "Evaluation suite" capability.
+    Profiles (PROFILES): NSC / NSCB MOA matching, target matching with MTdist, CPcor against
+    ground-truth profiles, k-NN toxicity calls (with sensitivity and specificity against the truth),
+    the active subset, and copairs mAP. Images (--pred against --truth): MAE, MSE, SSIM, PSNR and PCC
+    per channel, and FID. --report writes one self-contained HTML page with every computed metric.
     """
-    later = [a for a in ctx.args if a.split("=")[0] in EVALUATE_LATER]
-    if later or (ctx.args and not images):
-        _not_built(f"evaluate {' '.join(later or ctx.args)}", "Evaluation suite: NSC/NSCB, target matching, feature correlation, toxicity")
-    if ctx.args:
-        raise CpvsError(f"unexpected argument(s): {' '.join(ctx.args)}", hint="see cpvs evaluate --help")
-    if not images:
-        raise CpvsError("nothing to evaluate", hint="pass --images --pred OUT --truth PLATE")
-    if pred is None or truth is None:
-        raise CpvsError("--images needs --pred (a predicted plate) and --truth (the real plate)")
     import json
 
-    from cpvs.evaluate.images import evaluate_images
-
     st = _state(ctx)
-    with progress_bar(st.quiet) as cb:
-        res = evaluate_images(pred, truth, channels=_channels(channels), truth_channel_map=truth_channel_map,
-                              truth_illum_size=truth_illum_size, workers=workers, progress=cb)
-    if out is not None:
-        from cpvs.runinfo import atomic_path, write_json_atomic, write_run_record
+    profile_evals = nsc or nscb or target or cpcor or toxicity or active or map_
+    if not (profile_evals or images or fid):
+        raise CpvsError("nothing to evaluate", hint="pass --nsc, --nscb, --target, --cpcor, --toxicity, --active, --map, --images or --fid")
+    if profile_evals and profiles is None:
+        raise CpvsError("profile evaluations need a PROFILES table", hint="cpvs evaluate PROFILES --nsc ...")
+    truth_table = truth if truth is not None and _is_table(truth) else None
+    plate_truth = truth_plate or (truth if truth is not None and truth_table is None else None)
+    summary: dict = {}
+    extras: dict = {}
+    res = cfg = None
+    if profile_evals:
+        from cpvs.evaluate.suite import EvalConfig, evaluate_profiles, results_json
 
-        out.mkdir(parents=True, exist_ok=True)
-        with atomic_path(out / "image_metrics_per_field.parquet") as tmp:
-            res.per_field.to_parquet(tmp, index=False)
-        write_json_atomic(out / "image_metrics.json", {"n_fields": res.n_fields, "channels": res.channels,
-                                                        "summary": json.loads(res.summary.to_json(orient="records"))})
-        write_run_record(out, "evaluate", {"images": True, "pred": str(pred), "truth": str(truth), "channels": res.channels,
-                                           "truth_illum_size": truth_illum_size})
-    if st.quiet:
-        return
-    t = Table(title=f"image metrics over {res.n_fields} fields (mean ± std)", title_justify="left")
-    t.add_column("channel")
-    for m in ("mae", "mse", "ssim", "psnr", "pcc"):
-        t.add_column(m.upper() if m != "pcc" else "PCC", justify="right")
-    for _, r in res.summary.iterrows():
-        t.add_row(r["channel"], *[f"{r[m + '_mean']:.3f} ± {r[m + '_std']:.3f}" for m in ("mae", "mse", "ssim", "psnr", "pcc")])
-    out_console.print(t)
+        cfg = EvalConfig(
+            profiles=profiles, truth=truth_table, nsc=nsc, nscb=nscb, target=target, cpcor=cpcor, toxicity=toxicity,
+            active=active, map=map_, moa_col=moa_col, compound_col=compound_col, batch_col=batch_col,
+            perturbation_cols=[c.strip() for c in perturbation_cols.split(",") if c.strip()], target_col=target_col,
+            control_col=control_col, derive=derive or [], negative_query=negative_query, positive_query=positive_query,
+            aggregate=aggregate.value, match_cols=[c.strip() for c in match_cols.split(",")] if match_cols else None,
+            method=method.value, k=k, rounds=rounds, null_size=null_size, seed=seed,
+        )
+        if (cpcor or toxicity) and truth is not None and truth_table is None and cpcor:
+            raise CpvsError("--cpcor needs --truth to be a profile table (CSV/TSV/Parquet)", truth)
+        res = evaluate_profiles(cfg)
+        summary.update(results_json(res))
+    if images or fid:
+        if pred is None or plate_truth is None:
+            raise CpvsError("--images and --fid need --pred (a predicted plate) and --truth or --truth-plate (the real plate)")
+        from cpvs.evaluate.images import evaluate_images
+
+        if images:
+            with progress_bar(st.quiet or json_out) as cb:
+                ev = evaluate_images(pred, plate_truth, channels=_channels(channels), truth_channel_map=truth_channel_map,
+                                     truth_illum_size=truth_illum_size, workers=workers, progress=cb)
+            summary["images"] = {"n_fields": ev.n_fields, "channels": ev.channels,
+                                 "summary": json.loads(ev.summary.to_json(orient="records"))}
+            extras["image_metrics"] = ev.summary
+            extras["image_metrics_per_field"] = ev.per_field
+        if fid:
+            if fid_network is None:
+                raise CpvsError("--fid needs --fid-network FILE (local weights; cpvs never downloads any)")
+            from cpvs.evaluate.images import fid_of_plates
+
+            extras["fid"] = fid_of_plates(pred, plate_truth, fid_network, channels=_channels(channels),
+                                          truth_channel_map=truth_channel_map, device=st.device)
+            summary["fid"] = extras["fid"]
+    if report is not None and pred is not None and plate_truth is not None:
+        from cpvs.evaluate.images import image_grids
+
+        extras["grids"] = image_grids(pred, plate_truth, channels=_channels(channels), truth_channel_map=truth_channel_map)
+    _write_evaluation(out, report, summary, res, cfg, extras, profiles, truth, pred)
+    if json_out:
+        print(json.dumps(summary, indent=2, default=float))
+    elif not st.quiet:
+        _print_evaluation(summary, res, extras)
+        for where in (out, report):
+            if where is not None:
+                out_console.print(f"written to {where}")
+
+
+def _write_evaluation(out, report, summary, res, cfg, extras, profiles, truth, pred) -> None:
+    from cpvs.runinfo import atomic_path, write_json_atomic, write_run_record
+
     if out is not None:
-        out_console.print(f"written to {out}")
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out / "results.json", summary)
+        tables = {"image_metrics_per_field": extras.get("image_metrics_per_field")}
+        if res is not None:
+            r = res.results
+            tables.update({"treatments": res.treatments})
+            for key in ("nsc", "nscb"):
+                if key in r:
+                    tables[f"{key}_neighbors"] = r[key].neighbors
+                    tables[f"{key}_per_moa"] = r[key].per_class
+            if "target" in r:
+                tables["target_neighbors"] = r["target"].neighbors
+            if "cpcor" in r:
+                tables["cpcor_per_feature"] = r["cpcor"].per_feature
+            if "toxicity" in r:
+                tables["toxicity_calls"] = r["toxicity"]["pred"].calls
+                if "truth" in r["toxicity"]:
+                    tables["toxicity_calls_truth"] = r["toxicity"]["truth"].calls
+            if "active" in r:
+                tables["active"] = r["active"]
+            for name, m in r.get("map", {}).items():
+                tables[f"map_{name}"] = m
+        for name, df in tables.items():
+            if df is not None and len(df):
+                with atomic_path(out / f"{name}.parquet") as tmp:
+                    df.to_parquet(tmp, index=False)
+        write_run_record(out, "evaluate", {"profiles": str(profiles), "truth": str(truth), "pred": str(pred)})
+    if report is not None:
+        from cpvs.evaluate.report import build_report
+
+        build_report(report / "report.html", res, cfg, extras)
+
+
+def _print_evaluation(summary: dict, res, extras: dict) -> None:
+    for note in summary.get("notes", []):
+        out_console.print(f"[yellow]note:[/] {note}")
+    for key in ("nsc", "nscb"):
+        if key in summary:
+            m = summary[key]
+            out_console.print(f"[bold]{key.upper()}[/] {m['score']:.1%} ({m['n_correct']}/{m['n_queries']} treatments)"
+                              + (f"; left out (single batch): {', '.join(m['excluded_moas'])}" if m["excluded_moas"] else ""))
+    for key in ("nsc", "nscb"):
+        if key in summary:
+            t = Table(title=f"{key.upper()} per MOA", title_justify="left")
+            for c in ("MOA", "n", "correct", "accuracy"):
+                t.add_column(c, justify="left" if c == "MOA" else "right")
+            for row in summary[key]["per_moa"]:
+                t.add_row(str(row["label"]), str(row["n"]), str(row["correct"]), f"{row['accuracy']:.0%}")
+            out_console.print(t)
+            if summary[key]["confusion"]:
+                pairs = "; ".join(f"{c['label']} -> {c['neighbor_label']} ({c['count']})" for c in summary[key]["confusion"][:8])
+                out_console.print(f"  confusion pairs: {pairs}")
+    if "target" in summary:
+        t = summary["target"]
+        kk = [k for k in t if k.startswith("top") and not k.endswith("fraction") and k != "top1"][0]
+        out_console.print(f"[bold]target matching[/] top-1 {t['top1']}/{t['n_queries']} ({t['top1_fraction']:.1%}, chance "
+                          f"{t['chance_top1']:.2%}), {kk} {t[kk]}/{t['n_queries']}; MTdist {t['mtdist']:.3f} "
+                          f"(other pairs {t['mean_distance_other_pairs']:.3f})")
+    if "cpcor" in summary:
+        c = summary["cpcor"]
+        out_console.print(f"[bold]CPcor[/] ({c['method']}) mean {c['mean']:.3f} over {c['n_valid']} features, "
+                          f"{c['n_above_0.8']} above 0.8, top 10 % {c['top10_mean']:.3f}, top 50 % {c['top50_mean']:.3f}")
+        out_console.print("  by compartment: " + ", ".join(f"{k} {v:.2f}" for k, v in c["by_compartment"].items()))
+        out_console.print("  by module: " + ", ".join(f"{k} {v:.2f}" for k, v in c["by_module"].items()))
+        out_console.print("  by channel: " + ", ".join(f"{k} {v:.2f}" for k, v in c["by_channel"].items()))
+    if "toxicity" in summary:
+        t = summary["toxicity"]
+        line = f"[bold]toxicity[/] {t['n_toxic']}/{t['n_called']} perturbations called toxic (k={t['k']}, {t['rounds']} rounds)"
+        if "agreement_with_truth" in t:
+            a = t["agreement_with_truth"]
+            line += f"; vs truth: sensitivity {a['sensitivity']:.1%}, specificity {a['specificity']:.1%}"
+        out_console.print(line)
+    if "active" in summary:
+        out_console.print(f"[bold]active subset[/] {summary['active']['n_active']}/{summary['active']['n']} perturbations")
+    if "map" in summary:
+        for name, m in summary["map"].items():
+            out_console.print(f"[bold]mAP {name}[/] {m['mean_mAP']:.3f} ({m['fraction_significant']:.0%} of {m['n']} significant after FDR)")
+    if "image_metrics" in extras:
+        ev = extras["image_metrics"]
+        t = Table(title=f"image metrics over {summary['images']['n_fields']} fields (mean ± std)", title_justify="left")
+        t.add_column("channel")
+        for m in ("mae", "mse", "ssim", "psnr", "pcc"):
+            t.add_column(m.upper() if m != "pcc" else "PCC", justify="right")
+        for _, r in ev.iterrows():
+            t.add_row(r["channel"], *[f"{r[m + '_mean']:.3f} ± {r[m + '_std']:.3f}" for m in ("mae", "mse", "ssim", "psnr", "pcc")])
+        out_console.print(t)
+    if "fid" in extras:
+        out_console.print("[bold]FID[/] " + ", ".join(f"{k} {v:.2f}" for k, v in extras["fid"].items()))
 
 
 def main() -> None:

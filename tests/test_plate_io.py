@@ -201,3 +201,12 @@ def test_corrupt_and_truncated_tiffs_name_the_file(tmp_path, pediatric):
         read_image(cut)
     shutil.copy(pediatric / "r03c03f03p01-ch2sk1fk1fl1.tiff", tmp_path / "ok.tiff")
     assert read_image(tmp_path / "ok.tiff").shape == (1080, 1080)
+
+
+def test_written_files_follow_the_umask_not_mkstemp(tmp_path):
+    import os
+
+    write_image(tmp_path / "b.tiff", np.zeros((4, 4), np.uint16))
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "b.tiff").stat().st_mode & 0o777 == 0o666 & ~mask

@@ -200,7 +200,15 @@ def test_predict_plate_resume_shards_and_evaluate(sim_root, tiny_unet, tmp_path)
     assert r.exit_code == 0, r.output
     per_field = pd.read_parquet(tmp_path / "eval" / "image_metrics_per_field.parquet")
     assert len(per_field) == 12 * 5 and per_field["ssim"].between(-1, 1).all()
-    assert (tmp_path / "eval" / "image_metrics.json").exists()
+    import json
+
+    summary = json.loads((tmp_path / "eval" / "results.json").read_text())["images"]
+    assert summary["n_fields"] == 12 and summary["channels"] == ["DNA", "ER", "RNA", "AGP", "Mito"]
+    r = runner.invoke(app, ["evaluate", "--images", "--pred", str(tmp_path / "full"), "--truth", str(plate_dir),
+                            "--report", str(tmp_path / "rep")], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    page = (tmp_path / "rep" / "report.html").read_text()
+    assert "brightfield, ground truth, prediction" in page and page.count("data:image/png;base64") == 3
 
 
 def test_shards_are_disjoint_and_cover_the_plate(sim_root):
@@ -249,3 +257,19 @@ def test_train_cli_runs_and_reports(sim_store, tmp_path):
     assert "best epoch 1 by pcc" in r.output
     r = runner.invoke(app, ["train", "--model", "ddpm", "--data", str(sim_store), "-o", str(tmp_path / "d")])
     assert r.exit_code == 2 and "not built yet" in r.output
+
+
+@pytest.mark.slow
+def test_ddp_training_under_torchrun_on_cpu(sim_store, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "cpvs",
+           "--device", "cpu", "--quiet", "train", "--model", "unet", "--data", str(sim_store), "-o", str(tmp_path / "ddp"),
+           "--crop", "64", "--depth", "3", "--width", "4", "--epochs", "2", "--steps-per-epoch", "2", "--batch-size", "2",
+           "--workers", "1"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert list(pd.read_parquet(tmp_path / "ddp" / "metrics.parquet")["epoch"]) == [1, 2]
+    assert load_checkpoint(tmp_path / "ddp")["family"] == "unet"

@@ -41,10 +41,8 @@ def summarize(per_field: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def evaluate_images(pred: str | Path, truth: str | Path, channels: list[str] | None = None,
-                    truth_channel_map: str | None = None, pred_channel_map: str | None = None,
-                    truth_illum_size: int = 249, workers: int = 2, progress=None) -> ImageEvaluation:
-    progress = progress or (lambda *a, **k: None)
+def _pair_plates(pred, truth, channels, truth_channel_map, pred_channel_map=None):
+    """Predicted and truth plates with their fields paired by (well, site)."""
     pplate = discover_plate(pred, channel_map=pred_channel_map)
     if channels is None:
         channels = [c for c in pplate.channels if c in FLUORESCENCE] or pplate.channels
@@ -58,13 +56,25 @@ def evaluate_images(pred: str | Path, truth: str | Path, channels: list[str] | N
     if lacking:
         raise CpvsError(f"ground truth has no field for {', '.join(lacking[:5])}{' …' if len(lacking) > 5 else ''}", truth,
                         "point --truth at the plate the prediction was made from")
-    illum = None
-    if truth_illum_size > 1:
-        mean = None
-        for f in tplate.fields:
-            stack = np.stack([read_image(f.files[c]).astype(np.float64) for c in channels])
-            mean = stack if mean is None else mean + stack
-        illum = np.stack([illumination_function(m, truth_illum_size) for m in mean / len(tplate.fields)])
+    return pplate, tplate, pairs, channels
+
+
+def _truth_illumination(tplate, channels, size):
+    if size <= 1:
+        return None
+    mean = None
+    for f in tplate.fields:
+        stack = np.stack([read_image(f.files[c]).astype(np.float64) for c in channels])
+        mean = stack if mean is None else mean + stack
+    return np.stack([illumination_function(m, size) for m in mean / len(tplate.fields)])
+
+
+def evaluate_images(pred: str | Path, truth: str | Path, channels: list[str] | None = None,
+                    truth_channel_map: str | None = None, pred_channel_map: str | None = None,
+                    truth_illum_size: int = 249, workers: int = 2, progress=None) -> ImageEvaluation:
+    progress = progress or (lambda *a, **k: None)
+    _, tplate, pairs, channels = _pair_plates(pred, truth, channels, truth_channel_map, pred_channel_map)
+    illum = _truth_illumination(tplate, channels, truth_illum_size)
 
     def one(pair):
         p, t = pair
@@ -87,3 +97,49 @@ def evaluate_images(pred: str | Path, truth: str | Path, channels: list[str] | N
             progress("fields", k + 1, len(pairs))
     per_field = pd.DataFrame(rows)
     return ImageEvaluation(per_field, summarize(per_field), channels, len(pairs))
+
+
+def fid_of_plates(pred, truth, network_path, channels=None, truth_channel_map=None, device: str = "auto") -> dict[str, float]:
+    """FID per channel between the predicted and the real images of the paired fields."""
+    from cpvs.device import resolve_device
+    from cpvs.evaluate.fid import fid_per_channel, load_feature_network
+
+    _, _, pairs, channels = _pair_plates(pred, truth, channels, truth_channel_map)
+    net = load_feature_network(network_path, resolve_device(device))
+    pred_images = {c: [read_image(p.files[c]).astype(np.float32) for p, _ in pairs] for c in channels}
+    truth_images = {c: [read_image(t.files[c]).astype(np.float32) for _, t in pairs] for c in channels}
+    return fid_per_channel(pred_images, truth_images, net)
+
+
+def image_grids(pred, truth, channels=None, truth_channel_map=None, n_fields: int = 3, crop: int = 384) -> list:
+    """Figures for the report: per sample field, rows brightfield / ground truth / prediction /
+    uncertainty (when the prediction has ``<channel>_std`` maps), one column per channel; a
+    centre crop of ``crop`` px keeps cells visible."""
+    from cpvs.evaluate.report import image_grid
+    from cpvs.plate.channels import is_brightfield
+
+    pplate, tplate, pairs, channels = _pair_plates(pred, truth, channels, truth_channel_map)
+    try:
+        bf_plate = discover_plate(truth, channel_map=truth_channel_map)
+        bf_names = [c for c in bf_plate.channels if is_brightfield(c)]
+        bf_of = {(f.well, f.site): f for f in bf_plate.fields}
+    except CpvsError:
+        bf_names, bf_of = [], {}
+    figs = []
+    for p, t in pairs[:: max(1, len(pairs) // n_fields)][:n_fields]:
+        def cut(img):
+            h, w = img.shape
+            y0, x0 = max(0, (h - crop) // 2), max(0, (w - crop) // 2)
+            return img[y0 : y0 + crop, x0 : x0 + crop].astype(np.float32)
+
+        rows = []
+        if bf_names and (t.well, t.site) in bf_of:
+            bf = cut(read_image(bf_of[(t.well, t.site)].files[bf_names[len(bf_names) // 2]]))
+            rows.append((f"brightfield ({bf_names[len(bf_names) // 2]})", [bf] + [None] * (len(channels) - 1)))
+        rows.append(("ground truth", [cut(read_image(t.files[c])) for c in channels]))
+        rows.append(("prediction", [cut(read_image(p.files[c])) for c in channels]))
+        std = [f"{c}_std" for c in channels]
+        if all(s in p.files for s in std):
+            rows.append(("uncertainty (std)", [cut(read_image(p.files[s])) for s in std]))
+        figs.append(image_grid(rows, channels, f"{t.plate} {t.well} site {t.site}"))
+    return figs

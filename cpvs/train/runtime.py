@@ -39,6 +39,14 @@ class Dist:
         if self.world > 1:
             torch.distributed.barrier()
 
+    def agree(self, flag: bool) -> bool:
+        """Rank 0's decision, for every rank (e.g. stopping on a time limit)."""
+        if self.world == 1:
+            return flag
+        t = torch.tensor([int(flag)])
+        torch.distributed.broadcast(t, 0)
+        return bool(t.item())
+
 
 def setup_distributed(device_spec: str) -> tuple[Dist, torch.device]:
     """Join the process group when started by torchrun (WORLD_SIZE > 1); pick this rank's device."""

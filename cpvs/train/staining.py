@@ -217,7 +217,7 @@ def train_staining(cfg: StainingConfig, progress: Progress | None = None) -> Tra
                 save_checkpoint(cfg.out / "checkpoints" / "best.pt", **meta, state_dict=weights, train=train_info)
         dist.barrier()
         epochs_done = epoch
-        if clock.out_of_time() and epoch < cfg.epochs:
+        if dist.agree(clock.out_of_time()) and epoch < cfg.epochs:
             stopped = True
             break
     frame = metrics.frame()

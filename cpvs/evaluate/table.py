@@ -1,0 +1,106 @@
+"""Profile tables: reading, feature columns, metadata columns with clear errors, aggregation.
+
+Any table with ``Metadata_`` columns works: what cpvs writes, pycytominer/CytoTable
+output, or an external CSV/Parquet. Column names given by the user are matched
+exactly, else case-insensitively (``Metadata_MOA`` finds ``Metadata_moa``).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cpvs.errors import CpvsError
+
+METADATA_PREFIXES = ("Metadata_", "Image_Metadata_")
+
+
+def read_table(path: str | Path) -> pd.DataFrame:
+    """A CSV (optionally gzipped), TSV or Parquet table."""
+    path = Path(path)
+    if not path.exists():
+        raise CpvsError("profile table not found", path)
+    name = path.name.lower()
+    try:
+        if name.endswith(".parquet") or name.endswith(".pq"):
+            df = pd.read_parquet(path)
+        elif name.endswith((".tsv", ".tsv.gz", ".txt")):
+            df = pd.read_csv(path, sep="\t")
+        else:
+            df = pd.read_csv(path)
+    except Exception as e:  # parsers raise many types for a damaged file
+        raise CpvsError(f"cannot read the table ({type(e).__name__}: {str(e).splitlines()[0][:200]})", path,
+                        "pass a CSV, TSV or Parquet file") from None
+    if df.empty:
+        raise CpvsError("the table has no rows", path)
+    return df
+
+
+def is_metadata(col: str) -> bool:
+    return col.startswith(METADATA_PREFIXES)
+
+
+def feature_columns(df: pd.DataFrame) -> list[str]:
+    """Numeric columns that are not metadata."""
+    return [c for c in df.columns if not is_metadata(c) and pd.api.types.is_numeric_dtype(df[c])]
+
+
+def resolve_column(df: pd.DataFrame, name: str, option: str, source: str | Path | None = None) -> str:
+    """The column ``name`` (exact, else case-insensitive), or one error listing the metadata columns."""
+    if name in df.columns:
+        return name
+    matches = [c for c in df.columns if c.lower() == name.lower()]
+    if len(matches) == 1:
+        return matches[0]
+    meta = [c for c in df.columns if is_metadata(c)]
+    raise CpvsError(
+        f"no column {name!r} for {option}; metadata columns are: {', '.join(meta) or '(none)'}",
+        source, f"pass {option} with one of those names",
+    )
+
+
+def derive_column(df: pd.DataFrame, spec: str, source: str | Path | None = None) -> tuple[pd.DataFrame, str]:
+    """``NEW=SOURCE:REGEX`` adds column NEW from the first regex group of SOURCE
+    (e.g. ``Metadata_Batch=Metadata_Plate:^(Week\\d+)``)."""
+    m = re.match(r"^([^=]+)=([^:]+):(.+)$", spec)
+    if not m:
+        raise CpvsError(f"cannot parse {spec!r}: expected NEW=SOURCE:REGEX, e.g. Metadata_Batch=Metadata_Plate:^(Week\\d+)")
+    new, src, pattern = m.group(1).strip(), m.group(2).strip(), m.group(3)
+    src = resolve_column(df, src, "--derive", source)
+    try:
+        rx = re.compile(pattern)
+    except re.error as e:
+        raise CpvsError(f"bad regular expression {pattern!r} ({e})") from None
+    values = df[src].astype(str).map(lambda v: (m.group(1) if m.groups() else m.group(0)) if (m := rx.search(v)) else None)
+    if values.isna().any():
+        bad = df.loc[values.isna(), src].astype(str).unique()[:3]
+        raise CpvsError(f"--derive: {pattern!r} does not match {src} values such as {', '.join(bad)}", source)
+    df = df.copy()
+    df[new] = values
+    return df, new
+
+
+def clean_features(df: pd.DataFrame, features: list[str]) -> list[str]:
+    """Features usable for distances: finite everywhere and not constant."""
+    if df.empty:
+        return []
+    x = df[features].to_numpy(dtype=np.float64)
+    finite = np.isfinite(x).all(axis=0)
+    ok = finite & (np.where(finite, x, 0).std(axis=0) > 0)
+    return [f for f, k in zip(features, ok) if k]
+
+
+def aggregate(df: pd.DataFrame, by: list[str], features: list[str], method: str = "median",
+              keep: list[str] | None = None) -> pd.DataFrame:
+    """One row per group of ``by``: the median (or mean) of ``features``, plus ``keep``
+    columns (their first value in the group) and ``n_profiles``."""
+    if method not in ("median", "mean"):
+        raise CpvsError(f"aggregation must be median or mean, got {method!r}")
+    groups = df.groupby(by, sort=True, dropna=False)
+    agg = groups[features].median() if method == "median" else groups[features].mean()
+    extra = groups[[k for k in (keep or []) if k not in by]].first() if keep else None
+    parts = [groups.size().rename("n_profiles")] + ([] if extra is None or extra.empty else [extra]) + [agg]
+    return pd.concat(parts, axis=1).copy().reset_index()  # copy() consolidates the blocks first

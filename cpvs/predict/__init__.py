@@ -1,0 +1,1 @@
+"""Whole-plate prediction: tiling, median stitching and the plate runner."""

@@ -1,0 +1,1 @@
+"""Training: data from stores, checkpoints, and one trainer per model family."""
