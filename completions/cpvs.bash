@@ -130,9 +130,43 @@ _cpvs() {
             fi ;;
         profile)
             case "$prev" in
+                --out|-o) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+                --channel-map) return ;;
+                --channels) return ;;
+                --platemap) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+                --plate-name) return ;;
+                --nuclei-channel) return ;;
+                --cell-channel) return ;;
+                --threshold) COMPREPLY=($(compgen -W "li otsu" -- "$cur")); return ;;
+                --threshold-correction) return ;;
+                --cell-threshold-correction) return ;;
+                --smoothing) return ;;
+                --min-nucleus-diameter) return ;;
+                --max-nucleus-diameter) return ;;
+                --declump-distance) return ;;
+                --max-cell-distance) return ;;
+                --masks-from) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+                --skip) return ;;
+                --illum-size) return ;;
+                --illum-fields) return ;;
+                --workers) return ;;
+                --shard) return ;;
+                --aggregate) COMPREPLY=($(compgen -W "median mean" -- "$cur")); return ;;
+                --overlays) return ;;
+                --on-error) COMPREPLY=($(compgen -W "raise skip" -- "$cur")); return ;;
+                --join) return ;;
+                --normalize) COMPREPLY=($(compgen -W "standardize robustize mad_robustize spherize" -- "$cur")); return ;;
+                --control-query) return ;;
+                --select-ops) return ;;
+                --features-from) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+                --na-cutoff) return ;;
+                --corr-threshold) return ;;
+                --freq-cut) return ;;
+                --unique-cut) return ;;
+                --outlier-cutoff) return ;;
             esac
             if [[ "$cur" == -* ]]; then
-                COMPREPLY=($(compgen -W "" -- "$cur"))
+                COMPREPLY=($(compgen -W "--out -o --channel-map --channels --platemap --plate-name --nuclei-channel --cell-channel --threshold --threshold-correction --cell-threshold-correction --smoothing --min-nucleus-diameter --max-nucleus-diameter --declump-distance --max-cell-distance --keep-border --masks-from --skip --illum-size --illum-fields --workers --shard --single-cells --aggregate --overlays --on-error --join --normalize --control-query --by-plate --feature-select --select-ops --features-from --na-cutoff --corr-threshold --freq-cut --unique-cut --outlier-cutoff" -- "$cur"))
             else
                 COMPREPLY=($(compgen -f -- "$cur"))
             fi ;;

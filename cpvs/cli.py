@@ -470,15 +470,6 @@ def embed(ctx: typer.Context) -> None:
     _not_built("embed", "Self-supervised profiling: DINO and WS-DINO training, cpvs embed")
 
 
-@app.command(context_settings=_LATER)
-def profile(ctx: typer.Context) -> None:
-    """Segment cells and measure CellProfiler-style features; aggregate, normalize and select features.
-
-    Not available yet: arrives with "Profiling: segmentation, CellProfiler-compatible features".
-    """
-    _not_built("profile", "Profiling: segmentation, CellProfiler-compatible features, cpvs profile")
-
-
 class Aggregation(str, Enum):
     median = "median"
     mean = "mean"
@@ -487,6 +478,163 @@ class Aggregation(str, Enum):
 class CorrMethod(str, Enum):
     spearman = "spearman"
     pearson = "pearson"
+
+
+class Threshold(str, Enum):
+    li = "li"
+    otsu = "otsu"
+
+
+class NormMethod(str, Enum):
+    standardize = "standardize"
+    robustize = "robustize"
+    mad_robustize = "mad_robustize"
+    spherize = "spherize"
+
+
+def _write_table(df, path: Path) -> Path:
+    from cpvs.runinfo import atomic_path
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        if path.suffix.lower() == ".csv" or path.name.lower().endswith(".csv.gz"):
+            df.to_csv(tmp, index=False, compression="gzip" if path.name.lower().endswith(".gz") else None)
+        else:
+            df.to_parquet(tmp, index=False)
+    return path
+
+
+@app.command()
+@cli_errors
+def profile(
+    ctx: typer.Context,
+    inputs: Annotated[list[Path], typer.Argument(metavar="INPUT", help="Plate folder(s) or LoadData CSV(s) to segment and measure, or one profile table (CSV/Parquet) to normalize and feature-select.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (plates), or output table / folder (table mode).")],
+    channel_map: Annotated[Optional[str], typer.Option(help="Channel map of the plate (default: its channel_map.csv, else jump).")] = None,
+    channels: Annotated[Optional[str], typer.Option(help="Comma-separated channels to measure (default: every stain, no brightfield).")] = None,
+    platemap: Annotated[Optional[Path], typer.Option(help="Platemap joined into the tables (default: platemap.csv in the plate folder).")] = None,
+    plate_name: Annotated[Optional[str], typer.Option(help="Plate name (default: from the files or the folder).")] = None,
+    nuclei_channel: Annotated[str, typer.Option(help="Channel segmented into nuclei.")] = "DNA",
+    cell_channel: Annotated[str, typer.Option(help="Cytoplasmic channel the cells are grown on (AGP or ER).")] = "AGP",
+    threshold: Annotated[Threshold, typer.Option(help="Global threshold: li (minimum cross-entropy) or otsu.")] = Threshold.li,
+    threshold_correction: Annotated[float, typer.Option(help="Factor on the nuclei threshold.")] = 1.0,
+    cell_threshold_correction: Annotated[float, typer.Option(help="Factor on the cytoplasm threshold (below 1 keeps dim cytoplasm).")] = 0.7,
+    smoothing: Annotated[float, typer.Option(help="Gaussian sigma before thresholding, px.")] = 1.5,
+    min_nucleus_diameter: Annotated[float, typer.Option(help="Smallest nucleus kept, px (equivalent diameter).")] = 12.0,
+    max_nucleus_diameter: Annotated[float, typer.Option(help="Largest nucleus kept, px.")] = 90.0,
+    declump_distance: Annotated[float, typer.Option(help="Minimum distance between seeds splitting touching nuclei, px.")] = 7.0,
+    max_cell_distance: Annotated[float, typer.Option(help="How far a cell may extend from its nucleus, px.")] = 120.0,
+    keep_border: Annotated[bool, typer.Option("--keep-border", help="Keep objects touching the field border.")] = False,
+    masks_from: Annotated[Optional[Path], typer.Option(help="Reuse masks instead of segmenting: a `cpvs profile` output folder (or a folder of WELL_sSITE_nuclei/cells.tiff).")] = None,
+    skip: Annotated[Optional[str], typer.Option(help="Comma-separated modules to skip: intensity, sizeshape, zernike, feret, texture, granularity, radial_distribution, radial_zernikes, correlation, costes, neighbors.")] = None,
+    illum_size: Annotated[int, typer.Option(help="Illumination correction median filter size, px (0 disables).")] = 249,
+    illum_fields: Annotated[int, typer.Option(help="Fields (evenly spaced) averaged for the illumination function.")] = 256,
+    workers: Annotated[int, typer.Option(help="Processes measuring fields in parallel.")] = 1,
+    shard: Annotated[Optional[str], typer.Option(help="Process shard I of N (e.g. 2/3); the tables are written by the shard that finishes the plate.")] = None,
+    single_cells: Annotated[bool, typer.Option("--single-cells", help="Also write the single-cell table.")] = False,
+    aggregate: Annotated[Aggregation, typer.Option(help="Images -> wells -> perturbations (single cells -> image is always the median).")] = Aggregation.median,
+    overlays: Annotated[int, typer.Option(help="Save mask overlay PNGs for the first N fields.")] = 0,
+    on_error: Annotated[OnError, typer.Option(help="raise: stop at the first bad field; skip: leave it out and report it.")] = OnError.raise_,
+    join: Annotated[Optional[list[Path]], typer.Option(help="Table mode: metadata table(s) joined on their shared Metadata_ columns (e.g. plate, well -> compound, MOA).")] = None,
+    normalize: Annotated[Optional[NormMethod], typer.Option(help="Normalize features (pycytominer methods).")] = None,
+    control_query: Annotated[Optional[str], typer.Option(help="Rows the normalization is fitted on, e.g. \"Metadata_ControlType == 'negcon'\" (default: all rows).")] = None,
+    by_plate: Annotated[bool, typer.Option("--by-plate", help="Fit the normalization separately per Metadata_Plate.")] = False,
+    feature_select: Annotated[bool, typer.Option("--feature-select", help="Select features with --select-ops.")] = False,
+    select_ops: Annotated[str, typer.Option(help="Feature-selection operations, in order.")] = "drop_na_columns,variance_threshold,blocklist,correlation_threshold,drop_outliers",
+    features_from: Annotated[Optional[Path], typer.Option(help="Keep the features of this table (e.g. selected on the ground truth, applied to predictions).")] = None,
+    na_cutoff: Annotated[float, typer.Option(help="drop_na_columns: largest allowed fraction of NaN.")] = 0.05,
+    corr_threshold: Annotated[float, typer.Option(help="correlation_threshold: drop one of each pair correlated above this.")] = 0.9,
+    freq_cut: Annotated[float, typer.Option(help="variance_threshold: second-most-common / most-common value ratio below which a feature is near-constant.")] = 0.05,
+    unique_cut: Annotated[float, typer.Option(help="variance_threshold: fraction of unique values below which a feature is near-constant.")] = 0.01,
+    outlier_cutoff: Annotated[float, typer.Option(help="drop_outliers: drop features reaching this many SDs in the control rows (all rows without --control-query).")] = 15.0,
+) -> None:
+    """Profile plates (segment, measure, aggregate) or normalize and select an existing table.
+
+    Plates: nuclei from the DNA channel (threshold, distance watershed, size filters), cells grown
+    on a cytoplasmic stain, cytoplasm = cell - nucleus; cp_measure features per compartment and
+    channel named like CellProfiler (Cells_Intensity_MeanIntensity_DNA); medians per image, then
+    wells and perturbations as Parquet with the platemap's Metadata_ columns. Real and predicted
+    plates are profiled identically; --masks-from measures a predicted plate inside the real cells.
+    Tables (CellProfiler/CytoTable/pycytominer CSV or Parquet): --normalize and --feature-select.
+    """
+    from cpvs.profile.normalize import OPERATIONS
+    from cpvs.profile.postprocess import PostprocessConfig, postprocess
+
+    st = _state(ctx)
+    post = PostprocessConfig(
+        normalize=normalize.value if normalize else None, control_query=control_query, by_plate=by_plate,
+        select=feature_select, operations=[o.strip() for o in select_ops.split(",") if o.strip()], features_from=features_from,
+        na_cutoff=na_cutoff, corr_threshold=corr_threshold, freq_cut=freq_cut, unique_cut=unique_cut, outlier_cutoff=outlier_cutoff,
+    )
+    bad = [o for o in post.operations if o not in OPERATIONS]
+    if bad:
+        raise CpvsError(f"unknown --select-ops {', '.join(bad)}; use {', '.join(OPERATIONS)}")
+    if len(inputs) == 1 and inputs[0].is_file() and _is_table(inputs[0]):
+        from cpvs.tables import canonical_metadata, join_metadata, read_table
+
+        if not post.active:
+            raise CpvsError("nothing to do with a table", hint="pass --normalize and/or --feature-select (or --features-from)")
+        df = canonical_metadata(read_table(inputs[0]))
+        for j in join or []:
+            df = join_metadata(df, j)
+        result, rep = postprocess(df, post, inputs[0])
+        stem = inputs[0].name.split(".")[0]
+        target = out if out.suffix.lower() in (".parquet", ".csv", ".gz") else out / f"{stem}_{post.suffix()}.parquet"
+        _write_table(result, target)
+        if not st.quiet:
+            out_console.print(f"{rep.n_rows} rows: {rep.n_features_in} -> {rep.n_features_out} features -> {target}")
+            _print_postprocess(rep)
+        return
+    from cpvs.predict.runner import parse_shard
+    from cpvs.profile.pipeline import ProfileConfig, perturbation_columns, profile_plate
+    from cpvs.profile.segment import SegmentParams
+
+    seg = SegmentParams(nuclei_channel=nuclei_channel, cell_channel=cell_channel, smoothing=smoothing, threshold=threshold.value,
+                        threshold_correction=threshold_correction, cell_threshold_correction=cell_threshold_correction,
+                        min_nucleus_diameter=min_nucleus_diameter, max_nucleus_diameter=max_nucleus_diameter,
+                        declump_min_distance=declump_distance, max_cell_distance=max_cell_distance, keep_border=keep_border)
+    results = []
+    for plate in inputs:
+        cfg = ProfileConfig(plate=plate, out=out, channel_map=channel_map, channels=_channels(channels), platemap=platemap,
+                            plate_name=plate_name, segment=seg, masks_from=masks_from,
+                            skip=tuple(x.strip() for x in (skip or "").split(",") if x.strip()), illum_size=illum_size,
+                            illum_fields=illum_fields, workers=workers, shard=parse_shard(shard), single_cells=single_cells,
+                            aggregate=aggregate.value, overlays=overlays, on_error=on_error.value)
+        with progress_bar(st.quiet) as cb:
+            res = profile_plate(cfg, progress=cb)
+        results.append(res)
+        if not st.quiet:
+            state = f"{res.n_cells} cells; tables: {', '.join(p.name for p in res.tables.values())}" if res.complete else "plate not finished yet (other shards)"
+            out_console.print(f"{res.plate}: {res.n_written} fields measured, {res.n_resumed} already done, "
+                              f"{len(res.skipped)} skipped in {res.seconds:.1f} s; {state}")
+    if post.active and all(r.complete for r in results):
+        import pandas as pd
+
+        from cpvs.tables import aggregate as agg_table, feature_columns
+
+        wells = pd.concat([pd.read_parquet(r.tables["well"]) for r in results], ignore_index=True)
+        result, rep = postprocess(wells, post, out)
+        suffix = post.suffix()
+        _write_table(result, out / f"well_{suffix}.parquet")
+        keys = perturbation_columns(result)
+        keep = [c for c in result.columns if c.startswith("Metadata_") and c not in keys + ["Metadata_Well", "Metadata_Plate"]]
+        pert = agg_table(result, keys, feature_columns(result), aggregate.value, keep)
+        _write_table(pert, out / f"perturbation_{suffix}.parquet")
+        if not st.quiet:
+            out_console.print(f"wells: {rep.n_features_in} -> {rep.n_features_out} features -> {out / f'well_{suffix}.parquet'}, "
+                              f"{out / f'perturbation_{suffix}.parquet'}")
+            _print_postprocess(rep)
+
+
+def _print_postprocess(rep) -> None:
+    n = rep.normalization
+    if n:
+        out_console.print(f"  normalized ({n['method']}) on {n['reference_rows']} reference rows"
+                          + (", per plate" if n["by_plate"] else "")
+                          + (f"; zero-MAD features set to NaN: {len(n['zero_mad_features_set_to_nan'])}" if n["zero_mad_features_set_to_nan"] else "")
+                          + (f"; constant features set to NaN: {len(n['constant_features_set_to_nan'])}" if n["constant_features_set_to_nan"] else ""))
+    if rep.selection.get("dropped"):
+        out_console.print("  dropped by " + ", ".join(f"{k} {v}" for k, v in rep.selection["dropped"].items()))
 
 
 def _is_table(path: Path) -> bool:
@@ -654,7 +802,8 @@ def _print_evaluation(summary: dict, res, extras: dict) -> None:
         if key in summary:
             m = summary[key]
             out_console.print(f"[bold]{key.upper()}[/] {m['score']:.1%} ({m['n_correct']}/{m['n_queries']} treatments)"
-                              + (f"; left out (single batch): {', '.join(m['excluded_moas'])}" if m["excluded_moas"] else ""))
+                              + (f"; left out (single batch): {', '.join(m['excluded_moas'])}" if m["excluded_moas"] else "")
+                              + (f"; not queried (one compound): {', '.join(m['single_compound_moas'])}" if m["single_compound_moas"] else ""))
     for key in ("nsc", "nscb"):
         if key in summary:
             t = Table(title=f"{key.upper()} per MOA", title_justify="left")

@@ -79,7 +79,7 @@ def feature_correlation(pred: pd.DataFrame, truth: pd.DataFrame, keys: list[str]
         raise CpvsError(f"matching column(s) {', '.join(missing)} are missing from the prediction or the truth",
                         hint="pass --match-cols with columns both tables have")
     if features is None:
-        from cpvs.evaluate.table import feature_columns
+        from cpvs.tables import feature_columns
 
         features = [f for f in feature_columns(truth) if f in set(feature_columns(pred))]
     if not features:

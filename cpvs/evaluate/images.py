@@ -19,7 +19,7 @@ from cpvs.evaluate.image_metrics import METRICS, image_metrics
 from cpvs.plate.channels import FLUORESCENCE
 from cpvs.plate.discover import discover_plate
 from cpvs.plate.tiff import read_image
-from cpvs.preprocess.illumination import illumination_function
+from cpvs.preprocess.illumination import plate_illumination
 
 
 @dataclass
@@ -59,22 +59,12 @@ def _pair_plates(pred, truth, channels, truth_channel_map, pred_channel_map=None
     return pplate, tplate, pairs, channels
 
 
-def _truth_illumination(tplate, channels, size):
-    if size <= 1:
-        return None
-    mean = None
-    for f in tplate.fields:
-        stack = np.stack([read_image(f.files[c]).astype(np.float64) for c in channels])
-        mean = stack if mean is None else mean + stack
-    return np.stack([illumination_function(m, size) for m in mean / len(tplate.fields)])
-
-
 def evaluate_images(pred: str | Path, truth: str | Path, channels: list[str] | None = None,
                     truth_channel_map: str | None = None, pred_channel_map: str | None = None,
                     truth_illum_size: int = 249, workers: int = 2, progress=None) -> ImageEvaluation:
     progress = progress or (lambda *a, **k: None)
     _, tplate, pairs, channels = _pair_plates(pred, truth, channels, truth_channel_map, pred_channel_map)
-    illum = _truth_illumination(tplate, channels, truth_illum_size)
+    illum = plate_illumination(tplate, channels, truth_illum_size, len(tplate.fields), workers=workers) if truth_illum_size > 1 else None
 
     def one(pair):
         p, t = pair

@@ -186,6 +186,8 @@ def build_report(path: Path, res, cfg, extras: dict[str, Any] | None = None) -> 
                 m = r[key]
                 if m.excluded_classes:
                     rep.text(f"{m.name}: MOAs present in a single batch, left out: {', '.join(m.excluded_classes)}", "note")
+                if m.single_compound_classes:
+                    rep.text(f"{m.name}: MOAs with a single compound, not queried: {', '.join(m.single_compound_classes)}", "note")
                 rep.figure(bar_per_class(m.per_class, f"{m.name} accuracy per MOA"))
                 rep.subsection(f"{m.name} confusion pairs (true MOA → neighbour's MOA)")
                 rep.table(m.confusion, max_rows=20)
@@ -226,7 +228,8 @@ def build_report(path: Path, res, cfg, extras: dict[str, Any] | None = None) -> 
         for name, m in r["map"].items():
             rep.subsection(f"{name}: mean mAP {m['mean_average_precision'].mean():.3f}, "
                            f"{m['below_corrected_p'].mean():.0%} significant after FDR")
-            rep.table(m.sort_values("mean_average_precision", ascending=False), max_rows=20)
+            rep.table(m.drop(columns=[c for c in ("indices",) if c in m.columns])
+                      .sort_values("mean_average_precision", ascending=False), max_rows=20)
     if "image_metrics" in extras:
         rep.section("Image metrics of the predicted images")
         rep.table(extras["image_metrics"])

@@ -1,7 +1,9 @@
 """Nearest-neighbour matching of treatment profiles (METHODS §8).
 
 * **NSC**: each treatment's nearest neighbour by cosine similarity among
-  treatments of a different compound; score = fraction with the same MOA.
+  treatments of a different compound; score = fraction with the same MOA. MOAs
+  with a single compound (a positive control, say) cannot be matched: they stay
+  candidates but are not queries, and are reported.
 * **NSCB**: additionally among treatments of a different batch; MOAs present in a
   single batch are left out (queries and candidates) and reported.
 * **Target matching**: nearest neighbour (and any of the k nearest) sharing a
@@ -35,7 +37,8 @@ class MatchResult:
     per_class: pd.DataFrame
     confusion: pd.DataFrame  # true label, predicted label, count (mismatches only)
     neighbors: pd.DataFrame
-    excluded_classes: list[str] = field(default_factory=list)
+    excluded_classes: list[str] = field(default_factory=list)  # NSCB: present in a single batch
+    single_compound_classes: list[str] = field(default_factory=list)  # no other compound to match
     n_without_candidates: int = 0
 
 
@@ -72,7 +75,10 @@ def nearest_neighbor_matching(
         batches = df[batch_col].astype(str).to_numpy()
         allowed &= batches[:, None] != batches[None, :]
     sim = np.where(allowed, sim, -np.inf)
-    has = allowed.any(axis=1)
+    # A class with one compound can never be matched (e.g. a positive control): not a query.
+    n_compounds = df.groupby(label_col)[compound_col].nunique()
+    single = sorted(n_compounds[n_compounds < 2].index.astype(str))
+    has = allowed.any(axis=1) & ~np.isin(labels, single)
     nn = np.argmax(sim, axis=1)
     q = np.flatnonzero(has)
     correct = labels[nn[q]] == labels[q]
@@ -89,7 +95,8 @@ def nearest_neighbor_matching(
                  .sort_values("count", ascending=False, kind="stable").reset_index(drop=True))
     n = len(q)
     return MatchResult("NSCB" if across_batches else "NSC", float(correct.mean()) if n else float("nan"), n,
-                       int(correct.sum()), per_class, confusion, neighbors, excluded, int((~has).sum()))
+                       int(correct.sum()), per_class, confusion, neighbors, excluded, single,
+                       int((~allowed.any(axis=1)).sum()))
 
 
 @dataclass

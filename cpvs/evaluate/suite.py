@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from cpvs.errors import CpvsError
-from cpvs.evaluate.table import aggregate, clean_features, derive_column, feature_columns, read_table, resolve_column
+from cpvs.tables import aggregate, clean_features, derive_column, feature_columns, query_mask as _query, read_table, resolve_column
 
 
 @dataclass
@@ -61,19 +61,6 @@ class EvalResults:
     truth_wells: pd.DataFrame | None = None
     features: list[str] = field(default_factory=list)
     columns: dict[str, str | None] = field(default_factory=dict)
-
-
-def _query(df: pd.DataFrame, expr: str, option: str, source) -> np.ndarray:
-    try:
-        mask = df.eval(expr)
-    except Exception as e:  # pandas raises UndefinedVariableError, SyntaxError, ...
-        meta = [c for c in df.columns if c.startswith("Metadata_")]
-        raise CpvsError(f"{option} {expr!r} failed ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
-                        f"metadata columns are: {', '.join(meta)}", source) from None
-    mask = np.asarray(mask, dtype=bool)
-    if mask.shape != (len(df),):
-        raise CpvsError(f"{option} {expr!r} is not a row condition", source)
-    return mask
 
 
 def _prepare(path: Path, cfg: EvalConfig) -> tuple[pd.DataFrame, list[str]]:
@@ -214,7 +201,7 @@ def results_json(res: EvalResults) -> dict:
         if key in r:
             m = r[key]
             out[key] = {"score": m.score, "n_queries": m.n_queries, "n_correct": m.n_correct,
-                        "excluded_moas": m.excluded_classes, "per_moa": m.per_class.to_dict("records"),
+                        "excluded_moas": m.excluded_classes, "single_compound_moas": m.single_compound_classes, "per_moa": m.per_class.to_dict("records"),
                         "confusion": m.confusion.to_dict("records")}
     if "target" in r:
         t = r["target"]

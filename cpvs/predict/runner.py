@@ -15,8 +15,6 @@ field starting at the i-th, a deterministic disjoint part of the plate.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -37,7 +35,7 @@ from cpvs.plate.loaddata import write_load_data
 from cpvs.plate.naming import phenix_name
 from cpvs.plate.tiff import write_image
 from cpvs.predict.tiling import extract_tiles, pad_to_tile, stitch, tile_grid
-from cpvs.preprocess.illumination import illumination_function
+from cpvs.preprocess.illumination import plate_illumination
 from cpvs.preprocess.normalize import clip, resize_image, zscore
 from cpvs.preprocess.pipeline import read_field_stack
 from cpvs.runinfo import atomic_path, write_run_record
@@ -114,25 +112,6 @@ def output_names(plate: Plate, channels: list[str]) -> tuple[Callable[[Field, st
     return (lambda f, c: f"{f.plate}_{f.well}_s{f.site}_{c}.tiff"), None
 
 
-def _illumination(plate: Plate, inputs: list[str], size: int, max_fields: int, cache: Path, workers: int) -> np.ndarray:
-    """Illumination functions (C_in, H, W) of the plate's input channels, from up to
-    ``max_fields`` evenly spaced fields of the whole plate (not of one shard), so every
-    shard corrects with the same function. Cached in the output folder."""
-    picks = plate.fields[:: max(1, -(-len(plate.fields) // max_fields))]
-    key = hashlib.sha256(json.dumps([size, inputs, [f.key for f in picks]]).encode()).hexdigest()[:12]
-    path = cache / f"illum-{plate.name}-{key}.npy"
-    if path.exists():
-        return np.load(path)
-    with ThreadPoolExecutor(max(1, workers)) as ex:
-        total = None
-        for stack in ex.map(lambda f: read_field_stack(f, inputs), picks):
-            total = stack.astype(np.float64) if total is None else total + stack
-    func = np.stack([illumination_function(m, size) for m in total / len(picks)])
-    with atomic_path(path, suffix=".npy") as tmp:
-        np.save(tmp, func)
-    return func
-
-
 def predict_plate(cfg: PredictConfig, progress: Progress | None = None) -> PredictResult:
     t0 = time.perf_counter()
     progress = progress or (lambda *a, **k: None)
@@ -163,7 +142,7 @@ def predict_plate(cfg: PredictConfig, progress: Progress | None = None) -> Predi
 
     cache = out / ".cpvs-cache"
     cache.mkdir(exist_ok=True)
-    illum = _illumination(plate, inputs, norm["illum_size"], cfg.illum_fields, cache, cfg.workers) if norm["illum_size"] > 1 else None
+    illum = plate_illumination(plate, inputs, norm["illum_size"], cfg.illum_fields, cache, cfg.workers) if norm["illum_size"] > 1 else None
     size = tuple(norm["size"]) if norm["size"] else None
     stats = norm["channel_stats"]
     mean = np.array([stats[c]["mean"] for c in outputs], dtype=np.float32)[:, None, None]

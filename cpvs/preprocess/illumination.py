@@ -8,6 +8,11 @@ costs milliseconds and differs from the full-size filter by well under 1 %.
 
 from __future__ import annotations
 
+import hashlib
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
 import numpy as np
 from scipy import ndimage
 from skimage.transform import resize
@@ -49,3 +54,32 @@ def large_scale_variation(image: np.ndarray, blocks: int = 8, percentile: float 
     tiles = image[: bh * blocks, : bw * blocks].reshape(blocks, bh, blocks, bw).transpose(0, 2, 1, 3).reshape(blocks, blocks, -1)
     level = np.percentile(tiles, percentile, axis=-1)
     return float(level.std() / level.mean())
+
+
+def plate_illumination(plate, channels: list[str], size: int, max_fields: int, cache: Path | None = None,
+                       workers: int = 2) -> np.ndarray:
+    """Illumination functions (C, H, W) of a plate's ``channels`` from up to ``max_fields``
+    evenly spaced fields of the whole plate.
+
+    Used where a step needs a plate's illumination without a preprocessing pass
+    (predict-plate, profile): every shard of a job array samples the same fields
+    and so corrects with the same function. Cached in ``cache`` when given.
+    """
+    from cpvs.preprocess.pipeline import read_field_stack
+    from cpvs.runinfo import atomic_path
+
+    picks = plate.fields[:: max(1, -(-len(plate.fields) // max_fields))]
+    key = hashlib.sha256(json.dumps([size, channels, [f.key for f in picks]]).encode()).hexdigest()[:12]
+    path = None if cache is None else Path(cache) / f"illum-{plate.name}-{key}.npy"
+    if path is not None and path.exists():
+        return np.load(path)
+    total = None
+    with ThreadPoolExecutor(max(1, workers)) as ex:
+        for stack in ex.map(lambda f: read_field_stack(f, channels), picks):  # in order: a deterministic sum
+            total = stack.astype(np.float64) if total is None else total + stack
+    func = np.stack([illumination_function(m, size) for m in total / len(picks)])
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path, suffix=".npy") as tmp:
+            np.save(tmp, func)
+    return func

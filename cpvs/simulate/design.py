@@ -3,7 +3,9 @@
 Each MOA changes a set of cell parameters by a dose-dependent amount (a Hill
 curve); two compounds per MOA share a target gene (the positives of target
 matching) and differ in potency. DMSO wells are the negative controls and a
-toxic compound the positive control.
+toxic compound the positive control; some MOAs (DNA damage, microtubule
+destabilizers, protein synthesis) also kill cells at high doses, so toxicity
+calls have real positives among the treatments.
 """
 
 from __future__ import annotations
@@ -34,9 +36,9 @@ class MOA:
 MOAS: tuple[MOA, ...] = (
     MOA("Aurora kinase inhibitors", "AUR", "AURKA", {"size": 0.45, "nuc_size": 0.6, "dna": 0.35, "chromatin": 0.5, "count": -0.3}),
     MOA("Actin disruptors", "ACT", "ACTB", {"agp_fiber": -2.0, "round": -1.2, "size": -0.3, "agp_membrane": 0.6, "golgi": 0.4}),
-    MOA("Microtubule destabilizers", "MTD", "TUBB", {"round": -1.5, "size": -0.5, "nuc_size": -0.35, "dna": 0.7, "mito_punct": 1.5, "chromatin": -0.6}),
-    MOA("DNA damage", "DDR", "TOP2A", {"nuc_frag": 5.0, "nuc_size": 0.3, "rna": -0.4, "nucleoli": -0.8, "chromatin": 0.8}),
-    MOA("Protein synthesis", "PSI", "RPL3", {"rna": -1.0, "nucleoli": -1.2, "er": -0.6, "size": -0.2}),
+    MOA("Microtubule destabilizers", "MTD", "TUBB", {"round": -1.5, "size": -0.5, "nuc_size": -0.35, "dna": 0.7, "mito_punct": 1.5, "chromatin": -0.6, "count": -0.7}),
+    MOA("DNA damage", "DDR", "TOP2A", {"nuc_frag": 5.0, "nuc_size": 0.3, "rna": -0.4, "nucleoli": -0.8, "chromatin": 0.8, "count": -0.9}),
+    MOA("Protein synthesis", "PSI", "RPL3", {"rna": -1.0, "nucleoli": -1.2, "er": -0.6, "size": -0.2, "count": -0.5}),
     MOA("Mitochondrial uncouplers", "MIT", "ATP5F1A", {"mito": -1.2, "mito_punct": 2.5, "size": 0.1}),
     MOA("ER stress inducers", "ERS", "ATP2A2", {"er": 1.0, "er_coarse": 2.5, "size": 0.3, "rna": 0.25}),
     MOA("HDAC inhibitors", "HDA", "HDAC1", {"nuc_size": 0.35, "dna": -0.35, "chromatin": -1.2, "agp_membrane": -0.5}),

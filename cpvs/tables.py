@@ -1,4 +1,4 @@
-"""Profile tables: reading, feature columns, metadata columns with clear errors, aggregation.
+"""Profile tables shared by profile and evaluate: reading, feature and metadata columns, aggregation.
 
 Any table with ``Metadata_`` columns works: what cpvs writes, pycytominer/CytoTable
 output, or an external CSV/Parquet. Column names given by the user are matched
@@ -104,3 +104,59 @@ def aggregate(df: pd.DataFrame, by: list[str], features: list[str], method: str 
     extra = groups[[k for k in (keep or []) if k not in by]].first() if keep else None
     parts = [groups.size().rename("n_profiles")] + ([] if extra is None or extra.empty else [extra]) + [agg]
     return pd.concat(parts, axis=1).copy().reset_index()  # copy() consolidates the blocks first
+
+
+def query_mask(df: pd.DataFrame, expr: str, option: str, source=None) -> np.ndarray:
+    """Rows matching a pandas query expression, or one error listing the metadata columns."""
+    try:
+        mask = df.eval(expr)
+    except Exception as e:  # pandas raises UndefinedVariableError, SyntaxError, ...
+        meta = [c for c in df.columns if is_metadata(c)]
+        raise CpvsError(f"{option} {expr!r} failed ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+                        f"metadata columns are: {', '.join(meta)}", source) from None
+    mask = np.asarray(mask, dtype=bool)
+    if mask.shape != (len(df),):
+        raise CpvsError(f"{option} {expr!r} is not a row condition", source)
+    return mask
+
+
+def canonical_metadata(df: pd.DataFrame) -> pd.DataFrame:
+    """``Image_Metadata_X`` columns renamed ``Metadata_X`` (CellProfiler per-image exports)."""
+    return df.rename(columns={c: "Metadata_" + c[len("Image_Metadata_"):] for c in df.columns
+                              if c.startswith("Image_Metadata_") and "Metadata_" + c[len("Image_Metadata_"):] not in df.columns})
+
+
+def join_metadata(df: pd.DataFrame, path: str | Path) -> pd.DataFrame:
+    """Add the columns of a metadata table (e.g. plate, well -> compound, MOA) on the
+    ``Metadata_`` columns both share. Plain column names get the platemap renames
+    (``moa`` -> ``Metadata_MOA``, ``compound`` -> ``Metadata_Compound``, others ``Metadata_<name>``)."""
+    from cpvs.plate.platemap import PLATE_SYNONYMS, RENAME, WELL_SYNONYMS
+
+    def rename(c: str) -> str:
+        low = c.lower()
+        if low in PLATE_SYNONYMS:
+            return "Metadata_Plate"
+        if low in WELL_SYNONYMS:
+            return "Metadata_Well"
+        if low in ("site", "field", "metadata_site"):
+            return "Metadata_Site"
+        return c if c.startswith("Metadata_") else RENAME.get(low, f"Metadata_{c}")
+
+    right = canonical_metadata(read_table(path))
+    right = right.rename(columns={c: rename(c) for c in right.columns})
+    if "Metadata_Well" in right.columns:
+        from cpvs.plate.wells import normalize_well
+
+        right["Metadata_Well"] = right["Metadata_Well"].map(normalize_well)
+    keys = [c for c in right.columns if c in df.columns and c.startswith("Metadata_")]
+    if not keys:
+        raise CpvsError(f"--join table shares no Metadata_ column with the profiles (it has {', '.join(right.columns[:8])})", path)
+    if right.duplicated(keys).any():
+        raise CpvsError(f"--join table lists the same {', '.join(keys)} more than once", path)
+    left = df.copy()
+    for k in keys:  # join on values, whatever dtype each file parsed them as
+        left[k], right[k] = left[k].astype(str), right[k].astype(str)
+    out = left.merge(right, on=keys, how="left", validate="many_to_one")
+    for k in keys:
+        out[k] = df[k].values
+    return out

@@ -1,0 +1,1 @@
+"""Profiling: segmentation, CellProfiler features (cp_measure), aggregation, normalization, selection."""
