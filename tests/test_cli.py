@@ -57,7 +57,7 @@ def test_version_and_bad_device():
 
 
 @pytest.mark.parametrize("command", [
-    ["embed", "plate", "--checkpoint", "run"], ["profile", "plate"],
+    ["embed", "plate", "--checkpoint", "run"],
     ["train", "--model", "dino", "--data", "s.zarr", "-o", "run"], ["predict-plate", "plate", "--model", "ddpm", "-o", "out"],
 ])
 def test_commands_not_built_yet_refuse_with_exit_2(command):
