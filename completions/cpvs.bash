@@ -90,9 +90,28 @@ _cpvs() {
                 --critic-lr) return ;;
                 --critic-weight-decay) return ;;
                 --pixels) return ;;
+                --channels) return ;;
+                --weak-label) return ;;
+                --arch) return ;;
+                --init-weights) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+                --out-dim) return ;;
+                --hidden-dim) return ;;
+                --bottleneck-dim) return ;;
+                --n-global) return ;;
+                --global-size) return ;;
+                --global-scale) return ;;
+                --n-local) return ;;
+                --local-size) return ;;
+                --local-scale) return ;;
+                --min-lr) return ;;
+                --warmup-epochs) return ;;
+                --teacher-momentum) return ;;
+                --teacher-temp) return ;;
+                --student-temp) return ;;
+                --eval-every) return ;;
             esac
             if [[ "$cur" == -* ]]; then
-                COMPREPLY=($(compgen -W "--model --data --out -o --inputs --targets --crop --batch-size --epochs --steps-per-epoch --lr --weight-decay --depth --width --val-fraction --seed --precision --resume --max-minutes --select --workers --init --critic-steps --lambda-l1 --lambda-gp --critic-lr --critic-weight-decay --pixels" -- "$cur"))
+                COMPREPLY=($(compgen -W "--model --data --out -o --inputs --targets --crop --batch-size --epochs --steps-per-epoch --lr --weight-decay --depth --width --val-fraction --seed --precision --resume --max-minutes --select --workers --init --critic-steps --lambda-l1 --lambda-gp --critic-lr --critic-weight-decay --pixels --channels --weak-label --arch --init-weights --out-dim --hidden-dim --bottleneck-dim --n-global --global-size --global-scale --n-local --local-size --local-scale --min-lr --warmup-epochs --teacher-momentum --teacher-temp --student-temp --eval-every" -- "$cur"))
             else
                 COMPREPLY=($(compgen -f -- "$cur"))
             fi ;;
@@ -122,9 +141,20 @@ _cpvs() {
             fi ;;
         embed)
             case "$prev" in
+                --checkpoint) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+                --out|-o) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+                --channels) return ;;
+                --channel-map) return ;;
+                --platemap) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+                --aggregate) COMPREPLY=($(compgen -W "median mean" -- "$cur")); return ;;
+                --tvn-control-query) return ;;
+                --attention-maps) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+                --n) return ;;
+                --precision) COMPREPLY=($(compgen -W "fp32 bf16 fp16" -- "$cur")); return ;;
+                --illum-fields) return ;;
             esac
             if [[ "$cur" == -* ]]; then
-                COMPREPLY=($(compgen -W "" -- "$cur"))
+                COMPREPLY=($(compgen -W "--checkpoint --out -o --channels --channel-map --platemap --aggregate --tvn-control-query --attention-maps --n --precision --illum-fields" -- "$cur"))
             else
                 COMPREPLY=($(compgen -f -- "$cur"))
             fi ;;

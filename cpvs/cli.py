@@ -323,6 +323,16 @@ class Stitch(str, Enum):
     mean = "mean"
 
 
+class Aggregation(str, Enum):
+    median = "median"
+    mean = "mean"
+
+
+class CorrMethod(str, Enum):
+    spearman = "spearman"
+    pearson = "pearson"
+
+
 class OutDtype(str, Enum):
     uint16 = "uint16"
     float32 = "float32"
@@ -331,9 +341,17 @@ class OutDtype(str, Enum):
 LATER_MODELS = {
     "ddpm": "Virtual staining II: class-guided image-to-image diffusion",
     "classifier": "Virtual staining II: class-guided image-to-image diffusion",
-    "dino": "Self-supervised profiling: DINO and WS-DINO training",
-    "ws-dino": "Self-supervised profiling: DINO and WS-DINO training",
 }
+
+
+def _pair(text: str, option: str) -> tuple[float, float]:
+    try:
+        a, b = (float(v) for v in text.split(","))
+    except ValueError:
+        raise CpvsError(f"{option} must be two numbers like 0.1,0.2, got {text!r}") from None
+    if not 0 < a <= b <= 1:
+        raise CpvsError(f"{option} must satisfy 0 < low <= high <= 1, got {text!r}")
+    return a, b
 
 
 @app.command()
@@ -346,11 +364,11 @@ def train(
     inputs: Annotated[Optional[str], typer.Option(help="Comma-separated input channels (default: the store's brightfield planes).")] = None,
     targets: Annotated[Optional[str], typer.Option(help="Comma-separated output channels (default: the store's Cell Painting stains).")] = None,
     crop: Annotated[int, typer.Option(help="Side of the random training crops, in pixels of the store.")] = 256,
-    batch_size: Annotated[Optional[int], typer.Option(help="Crops per step (default: 10 for unet, 4 for cwgan, as published).")] = None,
-    epochs: Annotated[int, typer.Option(help="Epochs (validation and checkpoints after each).")] = 50,
-    steps_per_epoch: Annotated[int, typer.Option(help="Optimizer steps per epoch (cwgan: generator steps).")] = 300,
-    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 2e-4,
-    weight_decay: Annotated[float, typer.Option(help="Adam weight decay of the U-Net / generator.")] = 2e-4,
+    batch_size: Annotated[Optional[int], typer.Option(help="Crops (images for dino) per step (default: 10 unet, 4 cwgan, 16 dino, as published).")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Epochs, with validation and checkpoints after each (default: 50; 400 for dino).")] = None,
+    steps_per_epoch: Annotated[Optional[int], typer.Option(help="Optimizer steps per epoch (default: 300; dino: fields / batch size). cwgan: generator steps.")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Learning rate (default: 2e-4 Adam; 4e-6 AdamW peak for dino).")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(help="Weight decay of the U-Net / generator / ViT (default: 2e-4; 0 for dino).")] = None,
     depth: Annotated[int, typer.Option(help="U-Net levels (6 = published; crops must be multiples of 2^(depth-1) px).")] = 6,
     width: Annotated[int, typer.Option(help="Filters of the first U-Net level, doubled per level (32 = published, ~31 M parameters).")] = 32,
     val_fraction: Annotated[float, typer.Option(help="Fraction of fields held out for validation (a band of rows per field when there are fewer than 10 fields).")] = 0.1,
@@ -367,6 +385,25 @@ def train(
     critic_lr: Annotated[float, typer.Option(help="cwgan: critic Adam learning rate.")] = 2e-4,
     critic_weight_decay: Annotated[float, typer.Option(help="cwgan: critic Adam weight decay.")] = 1e-3,
     pixels: Annotated[int, typer.Option(help="linear: training pixels sampled for the least-squares fit.")] = 2_000_000,
+    channels: Annotated[Optional[str], typer.Option(help="dino: channels, one ViT each (default: the store's stains).")] = None,
+    weak_label: Annotated[str, typer.Option(help="ws-dino: metadata column whose equal values pair images (compound is best).")] = "Metadata_Compound",
+    arch: Annotated[str, typer.Option(help="dino: timm ViT name.")] = "vit_small_patch8_224",
+    init_weights: Annotated[Optional[Path], typer.Option(help="dino: local DINO/timm ViT weights to start from (RGB weights are adapted to one channel).")] = None,
+    out_dim: Annotated[int, typer.Option(help="dino: projection head output dimension.")] = 65536,
+    hidden_dim: Annotated[int, typer.Option(help="dino: projection head hidden width.")] = 2048,
+    bottleneck_dim: Annotated[int, typer.Option(help="dino: projection head bottleneck (L2-normalized).")] = 256,
+    n_global: Annotated[int, typer.Option(help="dino: global crops per image.")] = 2,
+    global_size: Annotated[int, typer.Option(help="dino: global crop side after resizing, px.")] = 224,
+    global_scale: Annotated[str, typer.Option(help="dino: global crop area as a fraction of the field, low,high.")] = "0.1,0.2",
+    n_local: Annotated[int, typer.Option(help="dino: local crops per image.")] = 8,
+    local_size: Annotated[int, typer.Option(help="dino: local crop side after resizing, px.")] = 96,
+    local_scale: Annotated[str, typer.Option(help="dino: local crop area as a fraction of the field, low,high.")] = "0.04,0.08",
+    min_lr: Annotated[float, typer.Option(help="dino: learning rate at the end of the cosine decay.")] = 3e-6,
+    warmup_epochs: Annotated[int, typer.Option(help="dino: epochs of linear learning-rate warm-up.")] = 10,
+    teacher_momentum: Annotated[float, typer.Option(help="dino: EMA momentum of the teacher.")] = 0.99,
+    teacher_temp: Annotated[float, typer.Option(help="dino: teacher softmax temperature (sharpening).")] = 0.04,
+    student_temp: Annotated[float, typer.Option(help="dino: student softmax temperature.")] = 0.1,
+    eval_every: Annotated[int, typer.Option(help="dino: every N epochs, record NSC/NSCB of teacher embeddings when the store has MOAs (0: never).")] = 0,
 ) -> None:
     """Train a model on a preprocessed store.
 
@@ -379,12 +416,40 @@ def train(
     """
     if model.value in LATER_MODELS:
         _not_built(f"train --model {model.value}", LATER_MODELS[model.value])
+    st = _state(ctx)
+    if model.value in ("dino", "ws-dino"):
+        from cpvs.train.dino import DinoConfig, train_dino
+        from cpvs.train.multicrop import CropSpec
+
+        dcfg = DinoConfig(
+            model=model.value, data=data, out=out, channels=_channels(channels), weak_label=weak_label, arch=arch,
+            out_dim=out_dim, hidden=hidden_dim, bottleneck=bottleneck_dim, init_weights=init_weights,
+            crops=CropSpec(n_global, global_size, _pair(global_scale, "--global-scale"), n_local, local_size,
+                           _pair(local_scale, "--local-scale")),
+            batch_size=batch_size or 16, epochs=epochs or 400, steps_per_epoch=steps_per_epoch, lr=lr if lr is not None else 4e-6,
+            min_lr=min_lr, warmup_epochs=warmup_epochs, weight_decay=weight_decay or 0.0, teacher_momentum=teacher_momentum,
+            teacher_temp=teacher_temp, student_temp=student_temp, seed=seed, precision=precision.value, device=st.device,
+            resume=resume, max_minutes=max_minutes, eval_every=eval_every,
+        )
+        with progress_bar(st.quiet) as cb:
+            res = train_dino(dcfg, progress=cb)
+        if not st.quiet and os.environ.get("RANK", "0") == "0":
+            cols = [c for c in ("epoch", "loss", "lr", "nsc", "nscb") if c in res.metrics]
+            t = Table(title=f"{res.family} ({res.n_parameters / 1e6:.1f} M parameters, teacher) on {res.device}: {res.run}", title_justify="left")
+            for c in cols:
+                t.add_column(c, justify="right")
+            for _, row in res.metrics.iterrows():
+                t.add_row(*[str(int(row[c])) if c == "epoch" else f"{row[c]:.4g}" for c in cols])
+            out_console.print(t)
+            if res.stopped_early:
+                out_console.print(f"[yellow]stopped after {res.epochs_done} epochs (--max-minutes); continue with --resume[/]")
+        return
     from cpvs.train.staining import StainingConfig, train_staining
 
-    st = _state(ctx)
     cfg = StainingConfig(
         model=model.value, data=data, out=out, inputs=_channels(inputs), targets=_channels(targets), crop=crop,
-        batch_size=batch_size, epochs=epochs, steps_per_epoch=steps_per_epoch, lr=lr, weight_decay=weight_decay,
+        batch_size=batch_size, epochs=epochs or 50, steps_per_epoch=steps_per_epoch or 300, lr=lr if lr is not None else 2e-4,
+        weight_decay=weight_decay if weight_decay is not None else 2e-4,
         depth=depth, width=width, val_fraction=val_fraction, seed=seed, precision=precision.value, device=st.device,
         resume=resume, max_minutes=max_minutes, select=select, workers=workers, init=init, critic_steps=critic_steps,
         lambda_l1=lambda_l1, lambda_gp=lambda_gp, critic_lr=critic_lr, critic_weight_decay=critic_weight_decay, pixels=pixels,
@@ -461,23 +526,85 @@ def predict_plate(
         )
 
 
-@app.command(context_settings=_LATER)
-def embed(ctx: typer.Context) -> None:
-    """Embed fields with per-channel DINO / WS-DINO ViTs into a Parquet table.
+@app.command()
+@cli_errors
+def embed(
+    ctx: typer.Context,
+    source: Annotated[Path, typer.Argument(metavar="PLATE|STORE", help="A plate folder / LoadData CSV (normalized with the checkpoint's preprocessing) or a store from `cpvs preprocess`.")],
+    checkpoint: Annotated[Path, typer.Option(help="DINO / WS-DINO run folder or checkpoint (the teacher networks are used).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Field-level table EMB.parquet; EMB_well.parquet and EMB_perturbation.parquet are written beside it.")],
+    channels: Annotated[Optional[str], typer.Option(help="Channels to embed (default: all the checkpoint's channels), e.g. BF alone.")] = None,
+    channel_map: Annotated[Optional[str], typer.Option(help="Channel map of the plate (default: its channel_map.csv, else jump).")] = None,
+    platemap: Annotated[Optional[Path], typer.Option(help="Platemap of the plate (default: platemap.csv in its folder).")] = None,
+    aggregate: Annotated[Aggregation, typer.Option(help="How fields are aggregated to wells and wells to perturbations.")] = Aggregation.median,
+    tvn_control_query: Annotated[Optional[str], typer.Option(help="Typical variation normalization fitted on these rows, e.g. \"Metadata_ControlType == 'negcon'\".")] = None,
+    attention_maps: Annotated[Optional[Path], typer.Option(help="Folder for PNGs of the last block's CLS attention per head.")] = None,
+    n: Annotated[int, typer.Option("--n", help="Fields (evenly spaced) drawn as attention maps.")] = 16,
+    precision: Annotated[Precision, typer.Option(help="Autocast precision on GPU (the CPU always computes in fp32).")] = Precision.bf16,
+    illum_fields: Annotated[int, typer.Option(help="Plates: fields averaged for the illumination correction.")] = 256,
+) -> None:
+    """Embed fields with per-channel DINO / WS-DINO ViTs into Parquet tables.
 
-    Not available yet: arrives with "Self-supervised profiling: DINO and WS-DINO".
+    Per field and channel: CLS embeddings of the four 224² crops tiling the central 448² square,
+    median over the crops; channels concatenated (Emb_<Channel>_<i>) and L2-normalized; then
+    aggregated to wells and perturbations, optionally after TVN (PCA whitening on controls).
+    Works on real and predicted plates and on brightfield channels alone.
     """
-    _not_built("embed", "Self-supervised profiling: DINO and WS-DINO training, cpvs embed")
+    import numpy as np
 
+    from cpvs.device import resolve_device
+    from cpvs.embed.embedding import embed_plate, embed_store, models_from_checkpoint, save_tables, tvn
+    from cpvs.train.checkpoint import load_checkpoint
 
-class Aggregation(str, Enum):
-    median = "median"
-    mean = "mean"
+    st = _state(ctx)
+    ck = load_checkpoint(checkpoint, prefer="last")
+    if ck["family"] not in ("dino", "ws-dino"):
+        raise CpvsError(f"cpvs embed needs a dino or ws-dino checkpoint, this is a {ck['family']} model", ck["path"])
+    device = resolve_device(st.device)
+    models = models_from_checkpoint(ck, device)
+    chans = _channels(channels) or ck["hparams"]["channels"]
+    missing = [c for c in chans if c not in ck["hparams"]["channels"]]
+    if missing:
+        raise CpvsError(f"the checkpoint has no model for {', '.join(missing)} (it has {', '.join(ck['hparams']['channels'])})", ck["path"])
+    is_store = source.is_dir() and (source / "zarr.json").exists()
+    with progress_bar(st.quiet) as cb:
+        if is_store:
+            from cpvs.preprocess.store import Store
 
+            store = Store(source)
+            emb = embed_store(store, models, chans, device, precision.value, progress=cb)
+            images = lambda i: store.read_field(i, chans)  # noqa: E731
+            keys = np.flatnonzero(store.done_mask()).tolist()
+        else:
+            from cpvs.plate.discover import discover_plate
+            from cpvs.preprocess.apply import FieldNormalizer
 
-class CorrMethod(str, Enum):
-    spearman = "spearman"
-    pearson = "pearson"
+            plate = discover_plate(source, channel_map=channel_map, channels=chans, platemap=platemap)
+            normalizer = FieldNormalizer.for_plate(plate, chans, ck["normalization"], illum_fields)
+            emb = embed_plate(plate, normalizer, models, chans, device, precision.value, progress=cb)
+            images = lambda i: normalizer.read(plate.fields[i])[0]  # noqa: E731
+            keys = list(range(len(plate.fields)))
+    table, feats = emb.fields, [c for c in emb.fields.columns if c.startswith("Emb_")]
+    if tvn_control_query:
+        from cpvs.tables import query_mask
+
+        table, feats = tvn(table, feats, query_mask(table, tvn_control_query, "--tvn-control-query"))
+    paths = save_tables(table, feats, out, aggregate.value)
+    if attention_maps is not None:
+        from cpvs.embed.attention import attention_maps as maps_of, save_attention_png
+
+        picks = keys[:: max(1, len(keys) // max(1, n))][:n]
+        for i in picks:
+            meta = emb.fields.iloc[keys.index(i)]
+            name = f"{meta['Metadata_Plate']}_{meta['Metadata_Well']}_s{meta['Metadata_Site']}"
+            save_attention_png(attention_maps / f"{name}.png", maps_of(models, images(i), chans, device),
+                               f"{name}: CLS attention of the last block")
+    if not st.quiet:
+        out_console.print(f"embedded {len(emb.fields)} fields x {len(chans)} channel(s) ({emb.dim} dims each) on {device}"
+                          + (f", TVN to {len(feats)} components" if tvn_control_query else "")
+                          + ": " + ", ".join(str(p) for p in paths.values()))
+        if attention_maps is not None:
+            out_console.print(f"attention maps in {attention_maps}")
 
 
 class Threshold(str, Enum):

@@ -35,9 +35,8 @@ from cpvs.plate.loaddata import write_load_data
 from cpvs.plate.naming import phenix_name
 from cpvs.plate.tiff import write_image
 from cpvs.predict.tiling import extract_tiles, pad_to_tile, stitch, tile_grid
-from cpvs.preprocess.illumination import plate_illumination
-from cpvs.preprocess.normalize import clip, resize_image, zscore
-from cpvs.preprocess.pipeline import read_field_stack
+from cpvs.preprocess.apply import FieldNormalizer
+from cpvs.preprocess.normalize import resize_image
 from cpvs.runinfo import atomic_path, write_run_record
 from cpvs.train.checkpoint import load_checkpoint
 from cpvs.train.runtime import autocast, check_precision
@@ -142,26 +141,14 @@ def predict_plate(cfg: PredictConfig, progress: Progress | None = None) -> Predi
 
     cache = out / ".cpvs-cache"
     cache.mkdir(exist_ok=True)
-    illum = plate_illumination(plate, inputs, norm["illum_size"], cfg.illum_fields, cache, cfg.workers) if norm["illum_size"] > 1 else None
-    size = tuple(norm["size"]) if norm["size"] else None
+    normalizer = FieldNormalizer.for_plate(plate, inputs, norm, cfg.illum_fields, cache, cfg.workers)
     stats = norm["channel_stats"]
     mean = np.array([stats[c]["mean"] for c in outputs], dtype=np.float32)[:, None, None]
     std = np.array([stats[c]["std"] for c in outputs], dtype=np.float32)[:, None, None]
 
     def prepare(f: Field):
         """Raw input planes -> normalized tiles, as the training store was made."""
-        raw = read_field_stack(f, inputs)
-        native = raw.shape[1:]
-        if illum is not None:
-            if illum.shape[1:] != native:
-                raise CpvsError(f"field is {native[0]}x{native[1]} px, the plate's illumination function {illum.shape[1]}x{illum.shape[2]}",
-                                f.files[inputs[0]])
-            raw /= illum
-        work = size or native
-        x = np.empty((len(inputs), *work), dtype=np.float32)
-        for c in range(len(inputs)):
-            x[c], _, _ = zscore(resize_image(raw[c], work, norm["resize_method"]))
-            clip(x[c], norm["clip"])
+        x, native = normalizer.read(f)
         padded, shape = pad_to_tile(x, cfg.tile)
         corners = tile_grid(padded.shape[1:], cfg.tile, cfg.stride)
         return f, native, shape, padded.shape[1:], extract_tiles(padded, corners, cfg.tile)

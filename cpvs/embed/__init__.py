@@ -1,0 +1,1 @@
+"""Self-supervised embeddings of fields (DINO / WS-DINO) and their attention maps."""
