@@ -109,9 +109,21 @@ _cpvs() {
                 --teacher-temp) return ;;
                 --student-temp) return ;;
                 --eval-every) return ;;
+                --label) return ;;
+                --label-dropout) return ;;
+                --ema) return ;;
+                --channel-mult) return ;;
+                --num-res-blocks) return ;;
+                --attention-downsample) return ;;
+                --head-channels) return ;;
+                --dropout) return ;;
+                --schedule) return ;;
+                --timesteps) return ;;
+                --beta-start) return ;;
+                --beta-end) return ;;
             esac
             if [[ "$cur" == -* ]]; then
-                COMPREPLY=($(compgen -W "--model --data --out -o --inputs --targets --crop --batch-size --epochs --steps-per-epoch --lr --weight-decay --depth --width --val-fraction --seed --precision --resume --max-minutes --select --workers --init --critic-steps --lambda-l1 --lambda-gp --critic-lr --critic-weight-decay --pixels --channels --weak-label --arch --init-weights --out-dim --hidden-dim --bottleneck-dim --n-global --global-size --global-scale --n-local --local-size --local-scale --min-lr --warmup-epochs --teacher-momentum --teacher-temp --student-temp --eval-every" -- "$cur"))
+                COMPREPLY=($(compgen -W "--model --data --out -o --inputs --targets --crop --batch-size --epochs --steps-per-epoch --lr --weight-decay --depth --width --val-fraction --seed --precision --resume --max-minutes --select --workers --init --critic-steps --lambda-l1 --lambda-gp --critic-lr --critic-weight-decay --pixels --channels --weak-label --arch --init-weights --out-dim --hidden-dim --bottleneck-dim --n-global --global-size --global-scale --n-local --local-size --local-scale --min-lr --warmup-epochs --teacher-momentum --teacher-temp --student-temp --eval-every --label --label-dropout --ema --channel-mult --num-res-blocks --attention-downsample --head-channels --dropout --schedule --timesteps --beta-start --beta-end" -- "$cur"))
             else
                 COMPREPLY=($(compgen -f -- "$cur"))
             fi ;;
@@ -133,9 +145,18 @@ _cpvs() {
                 --workers) return ;;
                 --illum-fields) return ;;
                 --on-error) COMPREPLY=($(compgen -W "raise skip" -- "$cur")); return ;;
+                --sampler) COMPREPLY=($(compgen -W "ddpm ddim dpmpp" -- "$cur")); return ;;
+                --steps) return ;;
+                --eta) return ;;
+                --guidance) return ;;
+                --classifier) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+                --label-col) return ;;
+                --samples) return ;;
+                --seed) return ;;
+                --field-strategy) COMPREPLY=($(compgen -W "resize tiles" -- "$cur")); return ;;
             esac
             if [[ "$cur" == -* ]]; then
-                COMPREPLY=($(compgen -W "--out -o --checkpoint --model --channel-map --platemap --plate-name --tile --stride --stitch --batch-size --precision --dtype --shard --workers --illum-fields --on-error" -- "$cur"))
+                COMPREPLY=($(compgen -W "--out -o --checkpoint --model --channel-map --platemap --plate-name --tile --stride --stitch --batch-size --precision --dtype --shard --workers --illum-fields --on-error --sampler --steps --eta --guidance --classifier --label-col --samples --seed --field-strategy" -- "$cur"))
             else
                 COMPREPLY=($(compgen -f -- "$cur"))
             fi ;;

@@ -338,10 +338,25 @@ class OutDtype(str, Enum):
     float32 = "float32"
 
 
-LATER_MODELS = {
-    "ddpm": "Virtual staining II: class-guided image-to-image diffusion",
-    "classifier": "Virtual staining II: class-guided image-to-image diffusion",
-}
+LATER_MODELS: dict[str, str] = {}
+
+
+class Sampler(str, Enum):
+    ddpm = "ddpm"
+    ddim = "ddim"
+    dpmpp = "dpmpp"
+
+
+class FieldStrategy(str, Enum):
+    resize = "resize"
+    tiles = "tiles"
+
+
+def _ints(text: str, option: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise CpvsError(f"{option} must be comma-separated integers, got {text!r}") from None
 
 
 def _pair(text: str, option: str) -> tuple[float, float]:
@@ -363,14 +378,14 @@ def train(
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: checkpoints/, metrics.parquet, cpvs-run.json.")],
     inputs: Annotated[Optional[str], typer.Option(help="Comma-separated input channels (default: the store's brightfield planes).")] = None,
     targets: Annotated[Optional[str], typer.Option(help="Comma-separated output channels (default: the store's Cell Painting stains).")] = None,
-    crop: Annotated[int, typer.Option(help="Side of the random training crops, in pixels of the store.")] = 256,
+    crop: Annotated[Optional[int], typer.Option(help="Side of the random training crops, px of the store (default: 256; ddpm/classifier 512, i.e. whole fields of a 512² store).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Crops (images for dino) per step (default: 10 unet, 4 cwgan, 16 dino, as published).")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Epochs, with validation and checkpoints after each (default: 50; 400 for dino).")] = None,
     steps_per_epoch: Annotated[Optional[int], typer.Option(help="Optimizer steps per epoch (default: 300; dino: fields / batch size). cwgan: generator steps.")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Learning rate (default: 2e-4 Adam; 4e-6 AdamW peak for dino).")] = None,
     weight_decay: Annotated[Optional[float], typer.Option(help="Weight decay of the U-Net / generator / ViT (default: 2e-4; 0 for dino).")] = None,
     depth: Annotated[int, typer.Option(help="U-Net levels (6 = published; crops must be multiples of 2^(depth-1) px).")] = 6,
-    width: Annotated[int, typer.Option(help="Filters of the first U-Net level, doubled per level (32 = published, ~31 M parameters).")] = 32,
+    width: Annotated[Optional[int], typer.Option(help="Filters of the first level, doubled per level (default: 32 for unet, ~31 M parameters; 64 for ddpm, ~63 M).")] = None,
     val_fraction: Annotated[float, typer.Option(help="Fraction of fields held out for validation (a band of rows per field when there are fewer than 10 fields).")] = 0.1,
     seed: Annotated[int, typer.Option(help="Seed of weights, crops and split; the same seed reproduces a CPU run.")] = 0,
     precision: Annotated[Precision, typer.Option(help="Autocast precision on GPU (the CPU always computes in fp32).")] = Precision.bf16,
@@ -404,6 +419,18 @@ def train(
     teacher_temp: Annotated[float, typer.Option(help="dino: teacher softmax temperature (sharpening).")] = 0.04,
     student_temp: Annotated[float, typer.Option(help="dino: student softmax temperature.")] = 0.1,
     eval_every: Annotated[int, typer.Option(help="dino: every N epochs, record NSC/NSCB of teacher embeddings when the store has MOAs (0: never).")] = 0,
+    label: Annotated[Optional[str], typer.Option(help="ddpm: class column the model is conditioned on (e.g. Metadata_Perturbation; 'none' for none); classifier: the classes.")] = None,
+    label_dropout: Annotated[float, typer.Option(help="ddpm: fraction of labels replaced by the null class during training.")] = 0.1,
+    ema: Annotated[float, typer.Option(help="ddpm: EMA decay of the sampling weights (with warm-up).")] = 0.9999,
+    channel_mult: Annotated[str, typer.Option(help="ddpm: width multipliers per level.")] = "1,2,4,8",
+    num_res_blocks: Annotated[int, typer.Option(help="ddpm: residual blocks per level.")] = 2,
+    attention_downsample: Annotated[str, typer.Option(help="ddpm: down-sampling factors with self-attention.")] = "16",
+    head_channels: Annotated[int, typer.Option(help="ddpm: channels per attention head.")] = 32,
+    dropout: Annotated[float, typer.Option(help="ddpm: dropout in residual blocks.")] = 0.2,
+    schedule: Annotated[str, typer.Option(help="ddpm: noise schedule, linear or cosine.")] = "linear",
+    timesteps: Annotated[int, typer.Option(help="ddpm: diffusion steps T.")] = 2000,
+    beta_start: Annotated[float, typer.Option(help="ddpm: first beta of the linear schedule.")] = 1e-6,
+    beta_end: Annotated[float, typer.Option(help="ddpm: last beta of the linear schedule.")] = 0.01,
 ) -> None:
     """Train a model on a preprocessed store.
 
@@ -417,6 +444,36 @@ def train(
     if model.value in LATER_MODELS:
         _not_built(f"train --model {model.value}", LATER_MODELS[model.value])
     st = _state(ctx)
+    if model.value in ("ddpm", "classifier"):
+        from cpvs.train.diffusion import DiffusionConfig, train_diffusion
+
+        if schedule not in ("linear", "cosine"):
+            raise CpvsError(f"--schedule must be linear or cosine, got {schedule!r}")
+        spec = {"kind": schedule, "T": timesteps}
+        if schedule == "linear":
+            spec.update(start=beta_start, end=beta_end)
+        dcfg = DiffusionConfig(
+            model=model.value, data=data, out=out, inputs=_channels(inputs), targets=_channels(targets),
+            label=None if label in (None, "none") else label, label_dropout=label_dropout, crop=crop or 512,
+            batch_size=batch_size or 2, epochs=epochs or 250, steps_per_epoch=steps_per_epoch or 1000,
+            lr=lr if lr is not None else 8e-5, ema=ema, width=width or 64,
+            channel_mult=_ints(channel_mult, "--channel-mult"), num_res_blocks=num_res_blocks,
+            attention_downsample=_ints(attention_downsample, "--attention-downsample"), head_channels=head_channels,
+            dropout=dropout, schedule=spec, val_fraction=val_fraction, seed=seed, precision=precision.value,
+            device=st.device, resume=resume, max_minutes=max_minutes, workers=workers,
+        )
+        with progress_bar(st.quiet) as cb:
+            res = train_diffusion(dcfg, progress=cb)
+        if not st.quiet and os.environ.get("RANK", "0") == "0":
+            t = Table(title=f"{res.family} ({res.n_parameters / 1e6:.1f} M parameters, EMA) on {res.device}: {res.run}", title_justify="left")
+            for c in ("epoch", "loss", "val_loss"):
+                t.add_column(c, justify="right")
+            for _, row in res.metrics.iterrows():
+                t.add_row(str(int(row["epoch"])), f"{row['loss']:.4g}", f"{row['val_loss']:.4g}")
+            out_console.print(t)
+            if res.stopped_early:
+                out_console.print(f"[yellow]stopped after {res.epochs_done} epochs (--max-minutes); continue with --resume[/]")
+        return
     if model.value in ("dino", "ws-dino"):
         from cpvs.train.dino import DinoConfig, train_dino
         from cpvs.train.multicrop import CropSpec
@@ -447,10 +504,10 @@ def train(
     from cpvs.train.staining import StainingConfig, train_staining
 
     cfg = StainingConfig(
-        model=model.value, data=data, out=out, inputs=_channels(inputs), targets=_channels(targets), crop=crop,
+        model=model.value, data=data, out=out, inputs=_channels(inputs), targets=_channels(targets), crop=crop or 256,
         batch_size=batch_size, epochs=epochs or 50, steps_per_epoch=steps_per_epoch or 300, lr=lr if lr is not None else 2e-4,
         weight_decay=weight_decay if weight_decay is not None else 2e-4,
-        depth=depth, width=width, val_fraction=val_fraction, seed=seed, precision=precision.value, device=st.device,
+        depth=depth, width=width or 32, val_fraction=val_fraction, seed=seed, precision=precision.value, device=st.device,
         resume=resume, max_minutes=max_minutes, select=select, workers=workers, init=init, critic_steps=critic_steps,
         lambda_l1=lambda_l1, lambda_gp=lambda_gp, critic_lr=critic_lr, critic_weight_decay=critic_weight_decay, pixels=pixels,
     )
@@ -486,13 +543,22 @@ def predict_plate(
     tile: Annotated[int, typer.Option(help="Tile side in pixels of the model's input resolution.")] = 256,
     stride: Annotated[int, typer.Option(help="Tile step in pixels (128 = half a tile: interior pixels are covered by 4 tiles).")] = 128,
     stitch: Annotated[Stitch, typer.Option(help="How overlapping tiles are combined per pixel.")] = Stitch.median,
-    batch_size: Annotated[int, typer.Option(help="Tiles per model call (tiles of several fields share a batch).")] = 16,
+    batch_size: Annotated[Optional[int], typer.Option(help="Tiles per model call, tiles of several fields sharing a batch (default 16); ddpm: fields per call times --samples (default 4).")] = None,
     precision: Annotated[Precision, typer.Option(help="Autocast precision on GPU (the CPU always computes in fp32).")] = Precision.bf16,
     dtype: Annotated[OutDtype, typer.Option(help="Output TIFF type: uint16 intensities (clipped to 0..65535) or float32.")] = OutDtype.uint16,
     shard: Annotated[Optional[str], typer.Option(help="Process shard I of N (e.g. 2/3): every N-th field from the I-th; for job arrays.")] = None,
     workers: Annotated[int, typer.Option(help="Reader and writer threads each.")] = 2,
     illum_fields: Annotated[int, typer.Option(help="Fields (evenly spaced over the plate) averaged for the input illumination correction.")] = 256,
     on_error: Annotated[OnError, typer.Option(help="raise: stop at the first bad field; skip: leave it out and report it.")] = OnError.raise_,
+    sampler: Annotated[Sampler, typer.Option(help="ddpm: sampler (ddpm ancestral, ddim, dpmpp = DPM-Solver++ 2M).")] = Sampler.ddim,
+    steps: Annotated[Optional[int], typer.Option(help="ddpm: denoising steps (default: 50; all T steps for --sampler ddpm).")] = None,
+    eta: Annotated[float, typer.Option(help="ddpm: DDIM eta (0 deterministic, 1 = the DDPM posterior).")] = 0.0,
+    guidance: Annotated[float, typer.Option(help="ddpm: classifier guidance scale s (0 disables).")] = 0.0,
+    classifier: Annotated[Optional[Path], typer.Option(help="ddpm: run folder or checkpoint of `cpvs train --model classifier`, for --guidance.")] = None,
+    label_col: Annotated[Optional[str], typer.Option(help="ddpm: metadata column with each field's class (default: the model's own; 'none' samples without).")] = None,
+    samples: Annotated[int, typer.Option(help="ddpm: samples per field; K > 1 also writes per-pixel std maps (<channel>_std).")] = 1,
+    seed: Annotated[int, typer.Option(help="ddpm: seed; a field's samples depend only on it and the field.")] = 0,
+    field_strategy: Annotated[FieldStrategy, typer.Option(help="ddpm: resize fields to the training resolution and back, or sample tiles (shared noise, median stitch).")] = FieldStrategy.resize,
 ) -> None:
     """Predict the Cell Painting channels of a whole plate from brightfield.
 
@@ -510,9 +576,26 @@ def predict_plate(
     from cpvs.predict.runner import PredictConfig, parse_shard, predict_plate as run
 
     st = _state(ctx)
+    if model is not None and model.value == "ddpm":
+        from cpvs.predict.diffusion_runner import DiffusionPredictConfig, predict_plate_diffusion
+
+        dcfg = DiffusionPredictConfig(
+            plate=plate, out=out, checkpoint=checkpoint, sampler=sampler.value,
+            steps=steps or (None if sampler == Sampler.ddpm else 50), eta=eta, guidance=guidance, classifier=classifier,
+            label_col=label_col, samples=samples, seed=seed, field_strategy=field_strategy.value, tile=tile, stride=stride,
+            batch_size=batch_size or 4, channel_map=channel_map, platemap=platemap, plate_name=plate_name,
+            device=st.device, precision=precision.value, dtype=dtype.value, shard=parse_shard(shard), workers=workers,
+            illum_fields=illum_fields,
+        )
+        with progress_bar(st.quiet) as cb:
+            res = predict_plate_diffusion(dcfg, progress=cb)
+        if not st.quiet:
+            out_console.print(f"sampled {', '.join(res.channels)} for {res.n_fields} fields on {res.device} "
+                              f"({sampler.value}, {res.n_written} written in {res.seconds:.1f} s, {res.n_resumed} already done) -> {res.out}")
+        return
     cfg = PredictConfig(
         plate=plate, out=out, checkpoint=checkpoint, model=model.value if model else None, channel_map=channel_map,
-        platemap=platemap, plate_name=plate_name, tile=tile, stride=stride, stitch=stitch.value, batch_size=batch_size,
+        platemap=platemap, plate_name=plate_name, tile=tile, stride=stride, stitch=stitch.value, batch_size=batch_size or 16,
         device=st.device, precision=precision.value, dtype=dtype.value, shard=parse_shard(shard), workers=workers,
         illum_fields=illum_fields, on_error=on_error.value,
     )

@@ -49,9 +49,18 @@ def is_brightfield(name: str) -> bool:
 
 
 def order_channels(names: list[str]) -> list[str]:
-    """Cell Painting order (DNA, ER, RNA, AGP, Mito), then brightfield low to high, then the rest."""
+    """Cell Painting order (DNA, ER, RNA, AGP, Mito), then brightfield low to high, then the
+    uncertainty maps of those (``DNA_std`` …) in the same order, then the rest by name."""
     canon = FLUORESCENCE + BRIGHTFIELD
-    return sorted(names, key=lambda n: (canon.index(n), "") if n in canon else (len(canon), n))
+
+    def key(n: str):
+        if n in canon:
+            return (canon.index(n), "")
+        if n.endswith("_std") and n[:-4] in canon:
+            return (len(canon) + canon.index(n[:-4]), "")
+        return (2 * len(canon), n)
+
+    return sorted(names, key=key)
 
 
 # Key: (channel number, plane number or None). None matches a channel with a single plane.

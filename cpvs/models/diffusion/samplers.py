@@ -1,0 +1,153 @@
+"""Samplers: separate from schedules and networks (in the spirit of diffusers).
+
+A sampler walks a descending sub-sequence of a schedule's steps, calling
+``eps_fn(y_t, t)`` (the network with its condition bound) at each; a model never
+knows which sampler drives it.
+
+* ``DDPMSampler``: ancestral sampling; over a sub-sequence it uses the respaced
+  process (the β's between visited steps), over all T steps it is the original.
+* ``DDIMSampler``: η = 0 deterministic, η = 1 the DDPM posterior (same mean and
+  variance at every step).
+* ``DPMSolverPP``: DPM-Solver++ (2M), second-order multistep in log-SNR on the
+  predicted clean image; good quality at 10–20 steps.
+
+Classifier guidance: ``grad_fn(y_t, t)`` returns ∇ log p(k | y_t). DDPM shifts the
+Gaussian mean by s·Σ·∇ (METHODS §5); DDIM and DPM-Solver++ use the equivalent
+score correction ε ← ε − s·√(1 − γ_t)·∇.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+
+from cpvs.errors import CpvsError
+from cpvs.models.diffusion.schedule import NoiseSchedule
+
+EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+GradFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def timesteps(T: int, steps: int) -> list[int]:
+    """``steps`` step indices from T−1 down to 0, evenly spaced (both ends included)."""
+    if not 1 <= steps <= T:
+        raise CpvsError(f"--steps must be between 1 and the schedule's {T} steps, got {steps}")
+    if steps == 1:
+        return [T - 1]
+    return sorted({int(round(v)) for v in np.linspace(0, T - 1, steps)}, reverse=True)
+
+
+class Sampler:
+    name = "base"
+
+    def __init__(self, schedule: NoiseSchedule, steps: int):
+        self.schedule = schedule
+        self.steps = timesteps(schedule.T, steps)
+
+    def _g(self, t: int) -> float:
+        return float(self.schedule.gammas[t]) if t >= 0 else 1.0
+
+    def sample(self, eps_fn: EpsFn, noise: torch.Tensor, step_noise: Callable[[int], torch.Tensor] | None = None,
+               grad_fn: GradFn | None = None, guidance: float = 0.0) -> torch.Tensor:
+        """Denoise ``noise`` (the y_T draw) to y_0. ``step_noise(i)`` supplies the fresh noise of
+        step i (so callers control determinism, e.g. one generator per field)."""
+        raise NotImplementedError
+
+
+class DDIMSampler(Sampler):
+    name = "ddim"
+
+    def __init__(self, schedule: NoiseSchedule, steps: int, eta: float = 0.0):
+        super().__init__(schedule, steps)
+        self.eta = eta
+
+    def step_distribution(self, y_t: torch.Tensor, eps: torch.Tensor, t: int, t_prev: int) -> tuple[torch.Tensor, float, torch.Tensor]:
+        """(mean, variance, predicted y0) of y_{t_prev} given y_t and the predicted noise."""
+        g, gp = self._g(t), self._g(t_prev)
+        y0 = (y_t - (1 - g) ** 0.5 * eps) / g**0.5
+        var = self.eta**2 * (1 - gp) / (1 - g) * (1 - g / gp)
+        mean = gp**0.5 * y0 + max(1 - gp - var, 0.0) ** 0.5 * eps
+        return mean, var, y0
+
+    def sample(self, eps_fn, noise, step_noise=None, grad_fn=None, guidance=0.0):
+        y = noise
+        seq = self.steps + [-1]
+        for i, (t, tp) in enumerate(zip(seq[:-1], seq[1:])):
+            tt = torch.full((y.shape[0],), t, device=y.device, dtype=torch.long)
+            eps = eps_fn(y, tt)
+            if grad_fn is not None and guidance:
+                eps = eps - guidance * (1 - self._g(t)) ** 0.5 * grad_fn(y, tt)
+            mean, var, _ = self.step_distribution(y, eps, t, tp)
+            y = mean + var**0.5 * step_noise(i) if (var > 0 and step_noise is not None) else mean
+        return y
+
+
+class DDPMSampler(Sampler):
+    name = "ddpm"
+
+    def step_distribution(self, y_t: torch.Tensor, eps: torch.Tensor, t: int, t_prev: int) -> tuple[torch.Tensor, float, torch.Tensor]:
+        """Posterior q(y_{t_prev} | y_t, y0_pred) of the (respaced) process: (mean, variance, y0)."""
+        g, gp = self._g(t), self._g(t_prev)
+        beta = 1 - g / gp  # the β between the two visited steps
+        y0 = (y_t - (1 - g) ** 0.5 * eps) / g**0.5
+        coef0 = gp**0.5 * beta / (1 - g)
+        coeft = (1 - beta) ** 0.5 * (1 - gp) / (1 - g)
+        var = beta * (1 - gp) / (1 - g)
+        return coef0 * y0 + coeft * y_t, var, y0
+
+    def sample(self, eps_fn, noise, step_noise=None, grad_fn=None, guidance=0.0):
+        y = noise
+        seq = self.steps + [-1]
+        for i, (t, tp) in enumerate(zip(seq[:-1], seq[1:])):
+            tt = torch.full((y.shape[0],), t, device=y.device, dtype=torch.long)
+            mean, var, _ = self.step_distribution(y, eps_fn(y, tt), t, tp)
+            if grad_fn is not None and guidance:
+                mean = mean + guidance * var * grad_fn(y, tt)  # s·Σ·∇ log p(k | y_t)
+            y = mean + var**0.5 * step_noise(i) if (var > 0 and step_noise is not None) else mean
+        return y
+
+
+class DPMSolverPP(Sampler):
+    """DPM-Solver++(2M): multistep second-order solver on the data prediction."""
+
+    name = "dpmpp"
+
+    def sample(self, eps_fn, noise, step_noise=None, grad_fn=None, guidance=0.0):
+        y = noise
+        seq = self.steps + [-1]
+        lam = lambda t: 0.5 * np.log(self._g(t) / (1 - self._g(t))) if t >= 0 else np.inf  # noqa: E731
+        prev_x0, prev_h = None, None
+        for i, (t, tp) in enumerate(zip(seq[:-1], seq[1:])):
+            tt = torch.full((y.shape[0],), t, device=y.device, dtype=torch.long)
+            g = self._g(t)
+            eps = eps_fn(y, tt)
+            if grad_fn is not None and guidance:
+                eps = eps - guidance * (1 - g) ** 0.5 * grad_fn(y, tt)
+            x0 = (y - (1 - g) ** 0.5 * eps) / g**0.5
+            if tp < 0:  # last step: the clean prediction itself
+                y = x0
+                break
+            gp = self._g(tp)
+            h = lam(tp) - lam(t)
+            d = x0
+            if prev_x0 is not None:
+                r = prev_h / h
+                d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * prev_x0
+            sigma_p, sigma = (1 - gp) ** 0.5, (1 - g) ** 0.5
+            y = (sigma_p / sigma) * y - gp**0.5 * np.expm1(-h) * d
+            prev_x0, prev_h = x0, h
+        return y
+
+
+SAMPLERS = {"ddpm": DDPMSampler, "ddim": DDIMSampler, "dpmpp": DPMSolverPP}
+
+
+def make_sampler(name: str, schedule: NoiseSchedule, steps: int | None = None, eta: float = 0.0) -> Sampler:
+    if name not in SAMPLERS:
+        raise CpvsError(f"unknown --sampler {name!r}; use one of {', '.join(SAMPLERS)}")
+    steps = steps or schedule.T
+    if name == "ddim":
+        return DDIMSampler(schedule, steps, eta)
+    return SAMPLERS[name](schedule, steps)

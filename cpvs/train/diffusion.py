@@ -1,0 +1,239 @@
+"""Training the class-guided image-to-image diffusion model and its guidance classifier (METHODS §5).
+
+``ddpm``: ε-prediction with an L2 loss at a uniformly drawn step, random flips and
+90° rotations (p = 0.5 each, the same for condition and target), Adam 8e-5, EMA
+weights for sampling. With ``label``, each crop carries its field's class (e.g.
+``Metadata_Perturbation``); a fraction ``label_dropout`` of labels is replaced by
+the null class so the model also learns to sample without one.
+
+``classifier``: p(k | y_t) on noisy stains at random steps, cross-entropy.
+
+The EMA uses the usual warm-up, decay_t = min(decay, (1 + t) / (10 + t)), so a
+short run still ends with useful averaged weights; long runs reach the published
+0.9999. Resume, bf16 on GPU and torchrun DDP work as for the U-Net.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cpvs.errors import CpvsError
+from cpvs.models.diffusion.classifier import NoisyClassifier
+from cpvs.models.diffusion.schedule import NoiseSchedule
+from cpvs.models.diffusion.unet import DiffusionUNet, DiffusionUNetConfig
+from cpvs.preprocess.store import Store
+from cpvs.runinfo import write_run_record
+from cpvs.train.checkpoint import load_checkpoint, save_checkpoint
+from cpvs.train.data import CropSampler, default_channels
+from cpvs.train.runtime import (
+    Clock, MetricsTable, Progress, autocast, check_precision, prepare_run_folder, rng_state, set_rng_state,
+    setup_distributed, unwrap,
+)
+
+
+@dataclass
+class DiffusionConfig:
+    model: str  # ddpm | classifier
+    data: Path
+    out: Path
+    inputs: list[str] | None = None
+    targets: list[str] | None = None
+    label: str | None = None  # metadata column of the class label; None: unconditional
+    label_dropout: float = 0.1
+    crop: int = 512
+    batch_size: int = 2
+    epochs: int = 250
+    steps_per_epoch: int = 1000
+    lr: float = 8e-5
+    ema: float = 0.9999
+    width: int = 64
+    channel_mult: tuple[int, ...] = (1, 2, 4, 8)
+    num_res_blocks: int = 2
+    attention_downsample: tuple[int, ...] = (16,)
+    head_channels: int = 32
+    dropout: float = 0.2
+    schedule: dict = field(default_factory=lambda: {"kind": "linear", "T": 2000, "start": 1e-6, "end": 0.01})
+    val_fraction: float = 0.1
+    seed: int = 0
+    precision: str = "bf16"
+    device: str = "auto"
+    resume: bool = False
+    max_minutes: float | None = None
+    workers: int = 2
+
+    def net_config(self, n_in: int, n_out: int, n_classes: int) -> DiffusionUNetConfig:
+        return DiffusionUNetConfig(n_in, n_out, self.width, tuple(self.channel_mult), self.num_res_blocks,
+                                   tuple(self.attention_downsample), self.head_channels, self.dropout, n_classes)
+
+    def identity(self) -> dict:
+        d = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+        for k in ("out", "resume", "max_minutes", "epochs", "device", "workers", "data"):
+            d.pop(k)
+        return d
+
+
+def augment(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same random horizontal/vertical flip and 90° rotation (p = 0.5 each) of condition and target."""
+    r = torch.rand(3, generator=gen)
+    if r[0] < 0.5:
+        x, y = x.flip(-1), y.flip(-1)
+    if r[1] < 0.5:
+        x, y = x.flip(-2), y.flip(-2)
+    if r[2] < 0.5:
+        x, y = x.rot90(1, (-2, -1)), y.rot90(1, (-2, -1))
+    return x, y
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    for pe, pm in zip(ema.parameters(), model.parameters()):
+        pe.mul_(decay).add_(pm.detach(), alpha=1 - decay)
+    for be, bm in zip(ema.buffers(), model.buffers()):
+        be.copy_(bm)
+
+
+def class_table(store: Store, label: str | None) -> tuple[list[str], dict[int, int]]:
+    """Sorted class names and field index -> class index (fields without a value: null)."""
+    if label is None:
+        return [], {}
+    if label not in store.table.columns:
+        meta = [c for c in store.table.columns if c.startswith("Metadata_")]
+        raise CpvsError(f"store has no label column {label!r}; it has {', '.join(meta)}", store.path,
+                        "pass --label with one of those, or --label none")
+    values = store.table[label].astype(str)
+    classes = sorted(v for v in values.unique() if v and v != "nan")
+    index = {c: i for i, c in enumerate(classes)}
+    return classes, {i: index.get(v, -1) for i, v in enumerate(values)}
+
+
+def train_diffusion(cfg: DiffusionConfig, progress: Progress | None = None):
+    from cpvs.train.staining import TrainResult
+
+    if cfg.model not in ("ddpm", "classifier"):
+        raise CpvsError(f"unknown diffusion family {cfg.model!r}")
+    check_precision(cfg.precision)
+    progress = progress or (lambda *a, **k: None)
+    dist, device = setup_distributed(cfg.device)
+    store = Store(cfg.data)
+    inputs, targets = default_channels(store, cfg.inputs, cfg.targets)
+    if cfg.model == "classifier" and not cfg.label:
+        raise CpvsError("the guidance classifier needs --label (the class column, e.g. Metadata_Perturbation)")
+    classes, label_of = class_table(store, cfg.label)
+    schedule = NoiseSchedule.from_spec(cfg.schedule)
+    crop = min(cfg.crop, *store.shape)
+    net_cfg = cfg.net_config(len(inputs), len(targets), len(classes))
+    torch.manual_seed(cfg.seed + dist.rank)
+    model = (DiffusionUNet(net_cfg) if cfg.model == "ddpm" else NoisyClassifier(net_cfg, len(classes))).to(device)
+    multiple = 2 ** (len(cfg.channel_mult) - 1)
+    if crop % multiple:
+        raise CpvsError(f"crop {crop} must be a multiple of {multiple} for {len(cfg.channel_mult)} levels",
+                        hint="pass --crop, or preprocess with --size to a multiple")
+    ema = copy.deepcopy(model).eval()
+    for p in ema.parameters():
+        p.requires_grad_(False)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    sampler = CropSampler(store, inputs, targets, crop, cfg.val_fraction, cfg.seed, cfg.workers)
+    resume_from = prepare_run_folder(cfg.out, cfg.resume)
+    metrics = MetricsTable(cfg.out / "metrics.parquet")
+    start = 1
+    if resume_from is not None:
+        ck = load_checkpoint(resume_from)
+        if ck["config_identity"] != cfg.identity():
+            raise CpvsError("--resume with different settings", resume_from, "rerun with the settings of the interrupted run")
+        model.load_state_dict(ck["state"]["model"])
+        ema.load_state_dict(ck["state_dict"])
+        opt.load_state_dict(ck["state"]["optimizer"])
+        set_rng_state(ck["state"]["rng"])
+        start = ck["train"]["epoch"] + 1
+        metrics = MetricsTable.load(cfg.out / "metrics.parquet", ck["train"]["epoch"])
+    if dist.main:
+        write_run_record(cfg.out, "train", {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+                         inputs={"store": str(cfg.data)})
+    if dist.world > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    meta = dict(family=cfg.model, hparams={"net": net_cfg.to_dict(), "schedule": cfg.schedule, "crop": crop},
+                inputs=inputs, outputs=targets, normalization=store.normalization(inputs + targets), classes=classes,
+                label=cfg.label, data=sampler.summary(),
+                config={k: (str(v) if isinstance(v, Path) else (list(v) if isinstance(v, tuple) else v)) for k, v in asdict(cfg).items()})
+    val_items = sampler.val_items(max_crops=16)
+    clock = Clock(cfg.max_minutes)
+    total = cfg.epochs * cfg.steps_per_epoch
+    epochs_done, stopped = start - 1, False
+    for epoch in range(start, cfg.epochs + 1):
+        plan = sampler.plan_epoch(epoch, cfg.steps_per_epoch, cfg.batch_size, dist.rank)
+        gen = torch.Generator().manual_seed(int(np.random.SeedSequence([cfg.seed, dist.rank, epoch]).generate_state(1)[0]))
+        losses = []
+        model.train()
+        for step, (items, (xb, yb)) in enumerate(zip(plan, sampler.batches(plan))):
+            x, y = augment(torch.from_numpy(xb), torch.from_numpy(yb), gen)
+            x, y = x.to(device), y.to(device)
+            t = torch.randint(0, schedule.T, (len(x),), generator=gen).to(device)
+            noise = torch.randn(y.shape, generator=gen).to(device)
+            y_t = schedule.q_sample(y, t, noise)
+            gamma = schedule.gamma(t)
+            with autocast(device, cfg.precision):
+                if cfg.model == "ddpm":
+                    labels = None
+                    if classes:
+                        labels = torch.tensor([label_of[f] for f, _, _ in items], dtype=torch.long)
+                        drop = torch.rand(len(labels), generator=gen) < cfg.label_dropout
+                        labels = torch.where(drop, torch.full_like(labels, -1), labels).to(device)
+                    loss = F.mse_loss(model(x, y_t, gamma, labels).float(), noise)
+                else:
+                    labels = torch.tensor([label_of[f] for f, _, _ in items], dtype=torch.long).to(device)
+                    keep = labels >= 0
+                    if not keep.any():
+                        continue
+                    loss = F.cross_entropy(model(y_t[keep], gamma[keep]).float(), labels[keep])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            done = (epoch - 1) * cfg.steps_per_epoch + step + 1
+            ema_update(ema, unwrap(model), min(cfg.ema, (1 + done) / (10 + done)))
+            losses.append(float(loss.detach()))
+            progress("train", done, total, info=f"epoch {epoch}/{cfg.epochs} loss {np.mean(losses[-20:]):.4f}")
+        row = {"epoch": epoch, "step": epoch * cfg.steps_per_epoch, "seconds": round(clock.elapsed, 2),
+               "loss": float(np.mean(losses)) if losses else float("nan")}
+        if dist.main:
+            row["val_loss"] = _validate(ema, sampler, val_items, schedule, cfg, label_of, device)
+            metrics.append(row)
+            state = {"model": unwrap(model).state_dict(), "optimizer": opt.state_dict(), "rng": rng_state()}
+            save_checkpoint(cfg.out / "checkpoints" / "last.pt", **meta, state_dict=ema.state_dict(),
+                            train={"epoch": epoch, "step": row["step"], "metrics": row}, state=state,
+                            config_identity=cfg.identity())
+        dist.barrier()
+        epochs_done = epoch
+        if dist.agree(clock.out_of_time()) and epoch < cfg.epochs:
+            stopped = True
+            break
+    frame = metrics.frame()
+    return TrainResult(cfg.out, cfg.model, sum(p.numel() for p in ema.parameters()), epochs_done, None,
+                       frame.iloc[-1].to_dict() if len(frame) else {}, frame, str(device), stopped)
+
+
+@torch.no_grad()
+def _validate(ema, sampler, items, schedule, cfg, label_of, device) -> float:
+    """The training objective of the EMA weights on fixed validation crops, steps and noise."""
+    if not items:
+        return float("nan")
+    x, y = (torch.from_numpy(a).to(device) for a in sampler.read(items))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    t = torch.linspace(0, schedule.T - 1, len(x)).long().to(device)
+    noise = torch.randn(y.shape, generator=gen).to(device)
+    y_t = schedule.q_sample(y, t, noise)
+    with autocast(device, cfg.precision):
+        if cfg.model == "ddpm":
+            labels = torch.tensor([label_of.get(f, -1) for f, _, _ in items], dtype=torch.long).to(device) if label_of else None
+            return float(F.mse_loss(ema(x, y_t, schedule.gamma(t), labels).float(), noise))
+        labels = torch.tensor([label_of[f] for f, _, _ in items], dtype=torch.long).to(device)
+        keep = labels >= 0
+        if not keep.any():
+            return float("nan")
+        return float(F.cross_entropy(ema(y_t[keep], schedule.gamma(t)[keep]).float(), labels[keep]))

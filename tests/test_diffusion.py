@@ -1,0 +1,193 @@
+"""Virtual staining II: the diffusion maths on tiny models, training, and the plate runner."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cpvs.cli import app
+from cpvs.errors import CpvsError
+from cpvs.models.diffusion.samplers import DDIMSampler, DDPMSampler, DPMSolverPP, make_sampler, timesteps
+from cpvs.models.diffusion.schedule import NoiseSchedule
+from cpvs.models.diffusion.unet import AdaGN, DiffusionUNet, DiffusionUNetConfig
+
+runner = CliRunner()
+TINY_NET = DiffusionUNetConfig(3, 5, width=16, channel_mult=(1, 2), num_res_blocks=1, attention_downsample=(2,),
+                               head_channels=16, dropout=0.0, num_classes=3)
+
+
+def test_published_network_size_and_schedule():
+    net = DiffusionUNet(DiffusionUNetConfig())
+    assert 60e6 < sum(p.numel() for p in net.parameters()) < 66e6
+    s = NoiseSchedule.linear()
+    assert s.T == 2000 and s.betas[0] == pytest.approx(1e-6) and s.betas[-1] == pytest.approx(0.01)
+    assert np.all(np.diff(s.gammas) < 0)
+
+
+def test_closed_form_forward_process_matches_iterated_noising():
+    s = NoiseSchedule.linear(T=200, start=1e-4, end=0.05)
+    gen = torch.Generator().manual_seed(0)
+    y0 = torch.tensor([1.5, -0.7, 0.2])
+    n = 40000
+    y = y0.expand(n, 3).clone()
+    for t in range(120):  # y_t = √α_t·y_{t−1} + √β_t·z
+        y = float(np.sqrt(s.alphas[t])) * y + float(np.sqrt(s.betas[t])) * torch.randn(n, 3, generator=gen)
+    t = torch.full((n,), 119)
+    closed = s.q_sample(y0.expand(n, 3), t, torch.randn(n, 3, generator=gen))
+    g = s.gammas[119]
+    for sample in (y, closed):
+        np.testing.assert_allclose(sample.mean(0).numpy(), np.sqrt(g) * y0.numpy(), atol=0.02)
+        np.testing.assert_allclose(sample.var(0).numpy(), 1 - g, rtol=0.03)
+
+
+def _eps_fn():
+    torch.manual_seed(0)
+    w = torch.randn(4, 4) * 0.3
+    return lambda y, t: torch.tanh(torch.einsum("ij,bj...->bi...", w, y)) * 0.5
+
+
+def test_ddim_with_eta_0_is_deterministic():
+    s = NoiseSchedule.linear(T=100, start=1e-4, end=0.05)
+    eps = _eps_fn()
+    noise = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(1))
+    sampler = DDIMSampler(s, 10, eta=0.0)
+    a = sampler.sample(eps, noise, lambda i: torch.randn(2, 4, 3, 3))
+    b = sampler.sample(eps, noise, lambda i: torch.randn(2, 4, 3, 3) * 100)
+    assert torch.equal(a, b)
+
+
+def test_ddim_with_eta_1_over_all_steps_is_the_ddpm_posterior():
+    s = NoiseSchedule.linear(T=50, start=1e-4, end=0.05)
+    ddim, ddpm = DDIMSampler(s, 50, eta=1.0), DDPMSampler(s, 50)
+    assert ddim.steps == ddpm.steps == list(range(49, -1, -1))
+    gen = torch.Generator().manual_seed(0)
+    seq = ddim.steps + [-1]
+    for t, tp in zip(seq[:-1], seq[1:]):
+        y_t, eps = torch.randn(3, 4, generator=gen), torch.randn(3, 4, generator=gen)
+        m1, v1, _ = ddim.step_distribution(y_t, eps, t, tp)
+        m2, v2, _ = ddpm.step_distribution(y_t, eps, t, tp)
+        torch.testing.assert_close(m1, m2, rtol=1e-5, atol=1e-6)
+        assert v1 == pytest.approx(v2, rel=1e-9, abs=1e-15)
+        # and the DDPM posterior itself, written out: β̃_t = β_t (1 − γ_{t−1}) / (1 − γ_t)
+        if tp >= 0:
+            assert v2 == pytest.approx(s.betas[t] * (1 - s.gammas[tp]) / (1 - s.gammas[t]), rel=1e-9)
+
+
+def test_classifier_guidance_shifts_the_mean_along_the_gradient_in_proportion_to_s():
+    """An analytic classifier, log p(k | y) = <w, y>: its gradient is w everywhere. With a linear
+    noise predictor every sampler is affine, so the guided output moves by exactly s times a fixed
+    vector, and that vector points along w."""
+    s = NoiseSchedule.linear(T=100, start=1e-4, end=0.05)
+    a = torch.eye(4) * 0.3
+    eps = lambda y, t: torch.einsum("ij,bj...->bi...", a, y)  # noqa: E731
+    w = torch.randn(1, 4, 3, 3, generator=torch.Generator().manual_seed(3))
+    grad = lambda y, t: w.expand_as(y)  # noqa: E731
+    noise = torch.randn(1, 4, 3, 3, generator=torch.Generator().manual_seed(2))
+    for sampler in (DDPMSampler(s, 100), DDIMSampler(s, 20), DPMSolverPP(s, 10)):
+        base = sampler.sample(eps, noise, None)
+        d1 = sampler.sample(eps, noise, None, grad, 1.0) - base
+        d3 = sampler.sample(eps, noise, None, grad, 3.0) - base
+        torch.testing.assert_close(d3, 3 * d1, rtol=1e-4, atol=1e-6)
+        cos = float((d1 * w).sum() / (d1.norm() * w.norm()))
+        assert cos > 0.99, (sampler.name, cos)
+
+
+def test_labels_change_outputs_only_through_adagn():
+    torch.manual_seed(0)
+    net = DiffusionUNet(TINY_NET).eval()
+    with torch.no_grad():
+        net.class_emb.weight.normal_()
+        for m in net.modules():  # give the zero-initialized output layers a voice
+            if isinstance(m, torch.nn.Conv2d):
+                torch.nn.init.normal_(m.weight, std=0.1)
+    x, y = torch.randn(2, 3, 16, 16), torch.randn(2, 5, 16, 16)
+    g = torch.tensor([0.5, 0.5])
+    a, b = net(x, y, g, torch.tensor([0, 0])), net(x, y, g, torch.tensor([1, 1]))
+    assert not torch.allclose(a, b)
+    null = net(x, y, g, None)
+    torch.testing.assert_close(null, net(x, y, g, torch.tensor([-1, -1])))  # absent or unknown: the null class
+    captured = []
+    hooks = [m.register_forward_pre_hook(lambda mod, args: captured.append(args[1])) for m in net.modules() if isinstance(m, AdaGN)]
+    net(x, y, g, torch.tensor([2, 2]))
+    for h in hooks:
+        h.remove()
+    assert captured and all(c.shape == (2, net.emb_dim) for c in captured)
+    with torch.no_grad():  # cut AdaGN's projections: the label no longer matters anywhere
+        for m in net.modules():
+            if isinstance(m, AdaGN):
+                m.proj.weight.zero_()
+                m.proj.bias.zero_()
+    torch.testing.assert_close(net(x, y, g, torch.tensor([0, 0])), net(x, y, g, torch.tensor([1, 1])))
+
+
+def test_samplers_recover_a_known_signal_with_the_true_noise_predictor():
+    """With an oracle ε (the data is one known image), every sampler returns that image."""
+    s = NoiseSchedule.linear()
+    target = torch.randn(1, 2, 4, 4, generator=torch.Generator().manual_seed(5))
+
+    def oracle(y, t):
+        g = s.gamma(t).view(-1, 1, 1, 1)
+        return (y - g.sqrt() * target) / (1 - g).sqrt()
+
+    noise = torch.randn(1, 2, 4, 4, generator=torch.Generator().manual_seed(6))
+    for sampler in (DDIMSampler(s, 20), DPMSolverPP(s, 10), DDPMSampler(s, 50)):
+        out = sampler.sample(oracle, noise, lambda i: torch.randn(1, 2, 4, 4))
+        torch.testing.assert_close(out, target, rtol=1e-3, atol=1e-3)
+    assert timesteps(2000, 5) == [1999, 1499, 1000, 500, 0]
+    with pytest.raises(CpvsError):
+        make_sampler("euler", s)
+
+
+@pytest.mark.slow
+def test_ddpm_trains_and_predicts_plates_with_uncertainty(sim_root, tmp_path):
+    from cpvs.plate import discover_plate, discover_plates, read_image
+    from cpvs.predict.diffusion_runner import DiffusionPredictConfig, predict_plate_diffusion
+    from cpvs.preprocess.pipeline import preprocess_plates
+    from cpvs.train.diffusion import DiffusionConfig, train_diffusion
+
+    plates = [p for d in sorted(sim_root.glob("SIM3-P*")) for p in discover_plates(d)]
+    preprocess_plates(plates[:1], tmp_path / "s.zarr", size=(64, 64))
+    net = dict(width=16, channel_mult=(1, 2), num_res_blocks=1, attention_downsample=(2,), head_channels=16, dropout=0.0,
+               schedule={"kind": "linear", "T": 100, "start": 1e-4, "end": 0.05}, crop=64, batch_size=2, steps_per_epoch=3,
+               device="cpu", workers=1)
+    res = train_diffusion(DiffusionConfig("ddpm", tmp_path / "s.zarr", tmp_path / "ddpm", label="Metadata_Perturbation",
+                                          epochs=2, **net))
+    assert list(res.metrics["epoch"]) == [1, 2] and np.isfinite(res.metrics["val_loss"]).all()
+    # resume continues exactly
+    train_diffusion(DiffusionConfig("ddpm", tmp_path / "s.zarr", tmp_path / "b", label="Metadata_Perturbation", epochs=1, **net))
+    train_diffusion(DiffusionConfig("ddpm", tmp_path / "s.zarr", tmp_path / "b", label="Metadata_Perturbation", epochs=2,
+                                    resume=True, **net))
+    from cpvs.train.checkpoint import load_checkpoint
+
+    wa, wb = load_checkpoint(tmp_path / "ddpm")["state_dict"], load_checkpoint(tmp_path / "b")["state_dict"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    train_diffusion(DiffusionConfig("classifier", tmp_path / "s.zarr", tmp_path / "clf", label="Metadata_Perturbation",
+                                    epochs=1, **net))
+    plate = sim_root / "SIM3-P01"
+    cfg = dict(steps=5, samples=3, seed=7, device="cpu", batch_size=3)
+    a = predict_plate_diffusion(DiffusionPredictConfig(plate, tmp_path / "pred", tmp_path / "ddpm", **cfg))
+    assert a.n_written == 12
+    pred = discover_plate(tmp_path / "pred")
+    assert pred.channels == ["DNA", "ER", "RNA", "AGP", "Mito", "DNA_std", "ER_std", "RNA_std", "AGP_std", "Mito_std"]
+    f = pred.fields[0]
+    assert read_image(f.files["DNA"]).shape == (160, 160) and read_image(f.files["Mito_std"]).max() > 0
+    # Deterministic for a seed, whatever the batching and sharding.
+    for i in (1, 2):
+        predict_plate_diffusion(DiffusionPredictConfig(plate, tmp_path / "pred2", tmp_path / "ddpm", shard=(i, 2),
+                                                       **dict(cfg, batch_size=2)))
+    for p in (tmp_path / "pred").glob("*.tiff"):
+        assert p.read_bytes() == (tmp_path / "pred2" / p.name).read_bytes()
+    # guidance, other samplers and the tile strategy run
+    g = predict_plate_diffusion(DiffusionPredictConfig(plate, tmp_path / "guided", tmp_path / "ddpm", sampler="ddpm", steps=4,
+                                                       guidance=1.0, classifier=tmp_path / "clf", device="cpu", shard=(1, 6)))
+    assert g.n_written == 2
+    t = predict_plate_diffusion(DiffusionPredictConfig(plate, tmp_path / "tiles", tmp_path / "ddpm", sampler="dpmpp", steps=4,
+                                                       field_strategy="tiles", tile=32, stride=16, device="cpu", shard=(1, 6)))
+    assert t.n_written == 2
+    r = runner.invoke(app, ["evaluate", "--images", "--pred", str(tmp_path / "pred"), "--truth", str(plate), "--json"])
+    assert r.exit_code == 0, r.output
+    with pytest.raises(CpvsError, match="--classifier"):
+        predict_plate_diffusion(DiffusionPredictConfig(plate, tmp_path / "x", tmp_path / "ddpm", guidance=1.0, device="cpu"))
