@@ -269,8 +269,10 @@ def demo(
 ) -> None:
     """Run the whole chain built so far on a built-in simulated example.
 
-    Today: simulate two plates -> preprocess plate 1 -> train a small U-Net and the per-pixel
-    linear baseline -> predict plate 2 (another batch) -> image metrics against its real stains.
+    Simulate two plates -> preprocess plate 1 -> train a small U-Net and the per-pixel linear
+    baseline -> predict plate 2 (another batch) -> image metrics against its real stains ->
+    profile the real and predicted plate 2 in the same cells -> NSC, target matching and
+    feature correlation -> an HTML report.
     """
     from cpvs.demo import run_demo
 
@@ -289,19 +291,7 @@ def demo(
     out_console.print(f"outputs in {summary.out}")
 
 
-# --------------------------------------------------------------------------- not built yet
-_LATER = {"allow_extra_args": True, "ignore_unknown_options": True}
-
-
-def _not_built(command: str, capability: str) -> None:
-    err_console.print(
-        f"[bold red]error:[/] `cpvs {command}` is not built yet; it arrives with the capability "
-        f"\"{capability}\". Nothing was done.",
-        highlight=False,
-    )
-    raise typer.Exit(2)
-
-
+# --------------------------------------------------------------------------- train, predict-plate
 class Model(str, Enum):
     unet = "unet"
     cwgan = "cwgan"
@@ -336,9 +326,6 @@ class CorrMethod(str, Enum):
 class OutDtype(str, Enum):
     uint16 = "uint16"
     float32 = "float32"
-
-
-LATER_MODELS: dict[str, str] = {}
 
 
 class Sampler(str, Enum):
@@ -441,8 +428,6 @@ def train(
     checkpoints/last.pt and (when the --select metric improved) checkpoints/best.pt.
     Under torchrun, every process trains on its own crops (DDP) and rank 0 writes.
     """
-    if model.value in LATER_MODELS:
-        _not_built(f"train --model {model.value}", LATER_MODELS[model.value])
     st = _state(ctx)
     if model.value in ("ddpm", "classifier"):
         from cpvs.train.diffusion import DiffusionConfig, train_diffusion
@@ -569,8 +554,6 @@ def predict_plate(
     so `cpvs profile` or CellProfiler read the result directly. Finished fields are skipped on
     a rerun; --shard splits a plate over a job array (see examples/slurm/).
     """
-    if model is not None and model.value in LATER_MODELS:
-        _not_built(f"predict-plate --model {model.value}", LATER_MODELS[model.value])
     if checkpoint is None:
         raise CpvsError("--checkpoint is required: cpvs ships no weights", hint="pass a run folder from `cpvs train` or a checkpoint file")
     from cpvs.predict.runner import PredictConfig, parse_shard, predict_plate as run

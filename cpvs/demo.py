@@ -2,7 +2,8 @@
 
 simulate two plates -> preprocess plate 1 -> train a small U-Net and the linear
 baseline on it -> predict plate 2 (another batch) -> image metrics against its
-real stains. It grows with each capability (profile, embed, evaluate). Every step
+real stains -> profile the real and the predicted plate 2 in the same cells ->
+NSC and target matching on both, feature correlation, an HTML report. Every step
 writes real outputs under the demo folder; rerunning resumes what is there.
 """
 
@@ -14,13 +15,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import pandas as pd
+
 from cpvs.evaluate.images import evaluate_images
+from cpvs.evaluate.report import build_report
+from cpvs.evaluate.suite import EvalConfig, evaluate_profiles
 from cpvs.plate.discover import discover_plates
 from cpvs.plate.tiff import read_image
 from cpvs.predict.runner import PredictConfig, predict_plate
 from cpvs.preprocess.illumination import large_scale_variation
 from cpvs.preprocess.pipeline import preprocess_plates
 from cpvs.preprocess.store import Store
+from cpvs.profile.pipeline import ProfileConfig, profile_plate
+from cpvs.profile.postprocess import PostprocessConfig, postprocess
 from cpvs.simulate import simulate
 from cpvs.train.staining import StainingConfig, train_staining
 
@@ -41,6 +48,7 @@ class DemoSummary:
 
 # Small enough for a laptop CPU in about a minute; `cpvs train` defaults are the published ones.
 DEMO_UNET = dict(depth=4, width=8, crop=128, batch_size=8, epochs=4, steps_per_epoch=25, pixels=300_000)
+DEMO_SKIP = ("costes", "granularity", "radial_distribution", "radial_zernikes", "zernike")
 
 
 def run_demo(
@@ -94,4 +102,38 @@ def run_demo(
             time.perf_counter() - t,
         ))
     summary.evaluations = evals
+
+    # Profiles of the real plate 2 and of the U-Net's prediction of it, measured in the same
+    # (real) cells; then MOA matching on both and the feature correlation between them.
+    t = time.perf_counter()
+    post = PostprocessConfig(normalize="mad_robustize", control_query="Metadata_ControlType == 'negcon'", select=True)
+    truth = profile_plate(ProfileConfig(sim.plates[1], out / "profiles-truth", skip=DEMO_SKIP, workers=workers), progress)
+    pred = profile_plate(ProfileConfig(out / "pred-unet", out / "profiles-unet", skip=DEMO_SKIP, workers=workers,
+                                       masks_from=out / "profiles-truth"), progress)
+    truth_wells, rep = postprocess(pd.read_parquet(truth.tables["well"]), post)
+    selected = out / "profiles-truth" / "well_normalized_feature_select.parquet"
+    truth_wells.to_parquet(selected, index=False)
+    pred_post = PostprocessConfig(normalize=post.normalize, control_query=post.control_query, features_from=selected)
+    pred_wells, _ = postprocess(pd.read_parquet(pred.tables["well"]), pred_post)
+    pred_path = out / "profiles-unet" / "well_normalized_feature_select.parquet"
+    pred_wells.to_parquet(pred_path, index=False)
+    summary.steps.append(Step(
+        "profile", f"{truth.n_cells} real cells, {rep.n_features_in} -> {rep.n_features_out} features per well; "
+        f"the prediction measured in the same cells", time.perf_counter() - t))
+
+    t = time.perf_counter()
+    scores = {}
+    for name, path in (("real", selected), ("U-Net", pred_path)):
+        cfg = EvalConfig(path, nsc=True, target=True, cpcor=name == "U-Net", truth=selected if name == "U-Net" else None,
+                         match_cols=["Metadata_Plate", "Metadata_Well"])
+        res = evaluate_profiles(cfg)
+        scores[name] = res
+        if name == "U-Net":
+            build_report(out / "report" / "report.html", res, cfg, {"image_metrics": evals["unet"].summary})
+    nsc = {k: v.results["nsc"] for k, v in scores.items()}
+    cpcor = scores["U-Net"].results["cpcor"].summary
+    summary.steps.append(Step(
+        "evaluate", f"NSC real {nsc['real'].score:.0%}, U-Net {nsc['U-Net'].score:.0%} ({nsc['real'].n_queries} treatments); "
+        f"CPcor mean {cpcor['mean']:.2f} over {cpcor['n_valid']} features; report: report/report.html",
+        time.perf_counter() - t))
     return summary

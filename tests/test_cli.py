@@ -56,16 +56,6 @@ def test_version_and_bad_device():
     assert r.exit_code == 2 and "--device" in r.output
 
 
-@pytest.mark.parametrize("command", [
-    ["embed", "plate", "--checkpoint", "run"],
-    ["train", "--model", "dino", "--data", "s.zarr", "-o", "run"], ["predict-plate", "plate", "--model", "ddpm", "-o", "out"],
-])
-def test_commands_not_built_yet_refuse_with_exit_2(command):
-    r = run(*command)
-    assert r.exit_code == 2
-    assert "not built yet" in r.output and "Nothing was done" in r.output
-
-
 def test_simulate_then_preprocess_end_to_end(tmp_path):
     r = run("--quiet", "simulate", tmp_path / "sim", "--plates", 1, "--wells", 4, "--sites", 1, "--size", 128)
     assert r.exit_code == 0, r.output

@@ -255,8 +255,8 @@ def test_train_cli_runs_and_reports(sim_store, tmp_path):
                             "--batch-size", "2"], env={"COLUMNS": "200"})
     assert r.exit_code == 0, r.output
     assert "best epoch 1 by pcc" in r.output
-    r = runner.invoke(app, ["train", "--model", "ddpm", "--data", str(sim_store), "-o", str(tmp_path / "d")])
-    assert r.exit_code == 2 and "not built yet" in r.output
+    r = runner.invoke(app, ["train", "--model", "cwgan", "--data", str(sim_store), "-o", str(tmp_path / "g")])
+    assert r.exit_code == 2 and "--init" in r.output
 
 
 @pytest.mark.slow

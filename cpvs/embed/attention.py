@@ -19,9 +19,11 @@ from cpvs.runinfo import atomic_path
 
 
 def attention_maps(models: ChannelModels, image: np.ndarray, channels: list[str], device) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """{channel: (crop (224, 224), attention (heads, 224, 224))} for the first central crop
-    (top-left of the central 448² square) of a normalized (C, H, W) field."""
+    """{channel: (crop, attention (heads, size, size))} for the first central crop (top-left of
+    the central 448² square) of a normalized (C, H, W) field, at the model's input size."""
     crops = torch.from_numpy(central_crops(image)[:1]).to(device)
+    if models.input_size != crops.shape[-1]:
+        crops = F.interpolate(crops, size=(models.input_size,) * 2, mode="bilinear", antialias=True)
     out = {}
     for i, ch in enumerate(channels):
         x = crops[:, i : i + 1]

@@ -47,9 +47,14 @@ def models_from_checkpoint(ck: dict, device: torch.device) -> ChannelModels:
 
 @torch.no_grad()
 def embed_image(models: ChannelModels, image: np.ndarray, channels: list[str], device: torch.device,
-                precision: str = "fp32") -> np.ndarray:
-    """(D_total,) unit-norm embedding of a (C, H, W) normalized field with ``channels`` in order."""
+                precision: str = "fp32", input_size: int = 224) -> np.ndarray:
+    """(D_total,) unit-norm embedding of a (C, H, W) normalized field with ``channels`` in order.
+
+    The 224² crops are resized to ``input_size`` (the global-crop size the model was trained
+    with), so a model trained on smaller crops sees the scale it learned."""
     crops = torch.from_numpy(central_crops(image)).to(device)
+    if input_size != crops.shape[-1]:
+        crops = torch.nn.functional.interpolate(crops, size=(input_size, input_size), mode="bilinear", antialias=True)
     parts = []
     for i, ch in enumerate(channels):
         with autocast(device, precision):
@@ -77,7 +82,7 @@ def embed_store(store, models: ChannelModels, channels: list[str], device, preci
     idx = indices if indices is not None else np.flatnonzero(store.done_mask()).tolist()
     rows = []
     for k, i in enumerate(idx):
-        rows.append(embed_image(models, store.read_field(i, channels), channels, device, precision))
+        rows.append(embed_image(models, store.read_field(i, channels), channels, device, precision, models.input_size))
         progress("fields", k + 1, len(idx))
     return _frame(store.table.iloc[idx].reset_index(drop=True), rows, models, channels)
 
@@ -94,7 +99,7 @@ def embed_plate(plate, normalizer, models: ChannelModels, channels: list[str], d
     rows = []
     for k, f in enumerate(plate.fields):
         image, _ = normalizer.read(f)
-        rows.append(embed_image(models, image, channels, device, precision))
+        rows.append(embed_image(models, image, channels, device, precision, models.input_size))
         progress("fields", k + 1, len(plate.fields))
     return _frame(plate.table(), rows, models, channels)
 

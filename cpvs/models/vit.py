@@ -76,6 +76,7 @@ class ChannelModels(nn.Module):
     def __init__(self, channels: list[str], arch: str, out_dim: int, hidden: int, bottleneck: int, img_size: int = 224):
         super().__init__()
         self.channels = list(channels)
+        self.input_size = img_size  # the global-crop size of training; embeddings resize to it
         self.nets = nn.ModuleDict({c: DINONet(arch, out_dim, hidden, bottleneck, img_size) for c in channels})
 
     def __getitem__(self, channel: str) -> DINONet:

@@ -205,6 +205,10 @@ def train_dino(cfg: DinoConfig, progress: Progress | None = None):
     clock = Clock(cfg.max_minutes)
     epochs_done, stopped = start - 1, False
     has_moa = cfg.eval_every > 0 and cfg.moa_col in store.table.columns
+    if has_moa and start == 1 and dist.main:  # the untrained (random or --init-weights) networks, for reference
+        teacher.eval()
+        metrics.append({"epoch": 0, "step": 0, "seconds": 0.0, "loss": float("nan"), "lr": 0.0,
+                        **_evaluate(teacher, store, channels, device, cfg)})
     for epoch in range(start, cfg.epochs + 1):
         losses = []
         for step in range(steps):
