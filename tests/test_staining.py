@@ -273,3 +273,9 @@ def test_ddp_training_under_torchrun_on_cpu(sim_store, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert list(pd.read_parquet(tmp_path / "ddp" / "metrics.parquet")["epoch"]) == [1, 2]
     assert load_checkpoint(tmp_path / "ddp")["family"] == "unet"
+
+
+def test_predicted_plate_keeps_the_source_plate_name(sim_root, tiny_unet, tmp_path):
+    predict_plate(PredictConfig(sim_root / "SIM3-P01", tmp_path / "anything", tiny_unet, tile=64, stride=32, device="cpu",
+                                shard=(1, 6)))
+    assert discover_plate(tmp_path / "anything").name == "SIM3-P01"

@@ -154,9 +154,11 @@ def image_grid(rows: list[tuple[str, list[np.ndarray]]], columns: list[str], tit
     for r, (name, images) in enumerate(rows):
         for c, img in enumerate(images):
             ax = axes[r][c]
-            if img is not None:
-                lo, hi = np.percentile(img, [0.5, 99.5])
-                ax.imshow(np.clip((img - lo) / max(hi - lo, 1e-9), 0, 1), cmap="magma" if "uncert" in name else "gray")
+            if img is None:  # e.g. brightfield has one image for the whole row
+                ax.axis("off")
+                continue
+            lo, hi = np.percentile(img, [0.5, 99.5])
+            ax.imshow(np.clip((img - lo) / max(hi - lo, 1e-9), 0, 1), cmap="magma" if "uncert" in name else "gray")
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:

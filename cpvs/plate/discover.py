@@ -33,6 +33,18 @@ def _find_load_data(folder: Path) -> Path | None:
 
 
 def _plate_name_from_folder(folder: Path) -> str:
+    """The plate named by the folder's LoadData CSV (plates cpvs writes, e.g. predictions, keep
+    their source plate's name), else the folder's name (its parent's for ``Images/``)."""
+    ld = _find_load_data(folder)
+    if ld is not None:
+        import pandas as pd
+
+        try:
+            names = pd.read_csv(ld, usecols=["Metadata_Plate"], dtype=str)["Metadata_Plate"].unique()
+        except (ValueError, KeyError):
+            names = []
+        if len(names) == 1:
+            return str(names[0])
     return folder.parent.name if folder.name == "Images" else folder.name
 
 
@@ -148,11 +160,12 @@ def _discover_folder(folder: Path, channel_map, channels, plate_name, on_error) 
             name_of[(n.channel, n.plane)] = nm
     ignored = sorted({f"ch{n.channel}p{n.plane}" for _, n in parsed if (n.channel, n.plane) not in name_of})
     plates: dict[str, dict[tuple[str, int], dict[str, Path]]] = defaultdict(lambda: defaultdict(dict))
+    default_name = None if (scheme == "cv8000" or plate_name) else _plate_name_from_folder(folder)
     for p, n in parsed:
         nm = name_of.get((n.channel, n.plane))
         if nm is None:
             continue
-        plate = n.plate if (scheme == "cv8000" and n.plate) else (plate_name or _plate_name_from_folder(folder))
+        plate = n.plate if (scheme == "cv8000" and n.plate) else (plate_name or default_name)
         plates[plate][(n.well, n.site)][nm] = p
     out = []
     for pname, fields in plates.items():

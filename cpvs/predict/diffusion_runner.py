@@ -39,11 +39,11 @@ from cpvs.models.diffusion.unet import DiffusionUNet, DiffusionUNetConfig
 from cpvs.plate.discover import discover_plate
 from cpvs.plate.layout import Field
 from cpvs.plate.tiff import write_image
-from cpvs.predict.runner import PredictResult, _write_plate_files, output_names, shard_fields
+from cpvs.predict.runner import PredictResult, plan_outputs
 from cpvs.predict.tiling import stitch, tile_grid
 from cpvs.preprocess.apply import FieldNormalizer
 from cpvs.preprocess.normalize import resize_image
-from cpvs.runinfo import write_run_record
+from cpvs.runinfo import plain, write_run_record
 from cpvs.train.checkpoint import load_checkpoint
 from cpvs.train.runtime import autocast
 
@@ -136,12 +136,7 @@ def predict_plate_diffusion(cfg: DiffusionPredictConfig, progress: Progress | No
     class_of = lambda f: classes.index(value_of[f.key]) if value_of.get(f.key) in classes else -1  # noqa: E731
     written_channels = outputs + ([f"{c}_std" for c in outputs] if cfg.samples > 1 else [])
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    name_of, out_map = output_names(plate, written_channels)
-    mine = shard_fields(plate.fields, cfg.shard)
-    done = [f for f in mine if all((out / name_of(f, c)).exists() for c in written_channels)]
-    todo = [f for f in mine if f not in done]
-    _write_plate_files(plate, out, written_channels, name_of, out_map)
+    name_of, mine, done, todo = plan_outputs(plate, out, written_channels, cfg.shard)
     normalizer = FieldNormalizer.for_plate(plate, inputs, norm, cfg.illum_fields, out / ".cpvs-cache", cfg.workers)
     stats = norm["channel_stats"]
     mean = np.array([stats[c]["mean"] for c in outputs], dtype=np.float32)[:, None, None]
@@ -232,7 +227,7 @@ def predict_plate_diffusion(cfg: DiffusionPredictConfig, progress: Progress | No
     finally:
         writer.shutdown(wait=True)
     record = "cpvs-run.json" if cfg.shard == (1, 1) else f"cpvs-run.shard-{cfg.shard[0]}-of-{cfg.shard[1]}.json"
-    params = {k: (str(v) if isinstance(v, Path) else v) for k, v in cfg.__dict__.items()}
+    params = plain(cfg)
     write_run_record(out, "predict-plate", params, inputs={"plate": str(cfg.plate), "checkpoint": ck["path"]}, name=record,
                      n_fields=len(mine), label_column=label_col)
     return PredictResult(out, written_channels, len(mine), written, len(done), time.perf_counter() - t0, str(device))

@@ -37,7 +37,7 @@ from cpvs.plate.tiff import write_image
 from cpvs.predict.tiling import extract_tiles, pad_to_tile, stitch, tile_grid
 from cpvs.preprocess.apply import FieldNormalizer
 from cpvs.preprocess.normalize import resize_image
-from cpvs.runinfo import atomic_path, write_run_record
+from cpvs.runinfo import atomic_path, plain, write_run_record
 from cpvs.train.checkpoint import load_checkpoint
 from cpvs.train.runtime import autocast, check_precision
 
@@ -132,12 +132,7 @@ def predict_plate(cfg: PredictConfig, progress: Progress | None = None) -> Predi
     plate = discover_plate(cfg.plate, channel_map=cfg.channel_map, channels=inputs, plate_name=cfg.plate_name,
                            platemap=cfg.platemap, on_error=cfg.on_error)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    name_of, out_map = output_names(plate, outputs)
-    todo_all = shard_fields(plate.fields, cfg.shard)
-    done = [f for f in todo_all if all((out / name_of(f, c)).exists() for c in outputs)]
-    todo = [f for f in todo_all if f not in done]
-    _write_plate_files(plate, out, outputs, name_of, out_map)
+    name_of, todo_all, done, todo = plan_outputs(plate, out, outputs, cfg.shard)
 
     cache = out / ".cpvs-cache"
     cache.mkdir(exist_ok=True)
@@ -232,10 +227,23 @@ def predict_plate(cfg: PredictConfig, progress: Progress | None = None) -> Predi
         writers.shutdown(wait=True)
     # Shards running side by side each keep their own record.
     record = "cpvs-run.json" if cfg.shard == (1, 1) else f"cpvs-run.shard-{cfg.shard[0]}-of-{cfg.shard[1]}.json"
-    params = {k: (str(v) if isinstance(v, Path) else v) for k, v in cfg.__dict__.items()}
+    params = plain(cfg)
     write_run_record(out, "predict-plate", params, inputs={"plate": str(cfg.plate), "checkpoint": ck["path"]},
                      name=record, n_fields=len(todo_all), skipped=skipped)
     return PredictResult(out, outputs, len(todo_all), written, len(done), time.perf_counter() - t0, str(device), skipped)
+
+
+def plan_outputs(plate: Plate, out: Path, channels: list[str], shard: tuple[int, int]):
+    """Prepare a predicted plate's folder: (file name of a field and channel, this shard's
+    fields, those already finished, those to do). Writes load_data.csv, channel_map.csv and
+    the platemap, the same for every shard."""
+    out.mkdir(parents=True, exist_ok=True)
+    name_of, out_map = output_names(plate, channels)
+    mine = shard_fields(plate.fields, shard)
+    done = [f for f in mine if all((out / name_of(f, c)).exists() for c in channels)]
+    todo = [f for f in mine if f not in done]
+    _write_plate_files(plate, out, channels, name_of, out_map)
+    return name_of, mine, done, todo
 
 
 def _write_plate_files(plate: Plate, out: Path, outputs: list[str], name_of, out_map: ChannelMap | None) -> None:

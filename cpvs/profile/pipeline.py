@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -33,7 +33,7 @@ from cpvs.predict.runner import shard_fields
 from cpvs.preprocess.illumination import plate_illumination
 from cpvs.profile.features import check_skip, measure_field
 from cpvs.profile.segment import Masks, SegmentParams, pair_objects, segment_field
-from cpvs.runinfo import atomic_path, write_run_record
+from cpvs.runinfo import atomic_path, plain, write_run_record
 from cpvs.tables import aggregate
 
 Progress = Callable[..., None]
@@ -217,7 +217,7 @@ def profile_plate(cfg: ProfileConfig, progress: Progress | None = None) -> Profi
     finally:
         if ex is not None:
             ex.shutdown(wait=True, cancel_futures=True)
-    params = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
+    params = plain(cfg)
     record = "cpvs-run.json" if cfg.shard == (1, 1) else f"cpvs-run.shard-{cfg.shard[0]}-of-{cfg.shard[1]}.json"
     write_run_record(out, "profile", params, inputs={"plate": str(cfg.plate)}, name=record, skipped=skipped)
     res = ProfileResult(out, plate.name, len(mine), n_written, len(done), 0, False, skipped=skipped)

@@ -29,7 +29,7 @@ from cpvs.models.diffusion.classifier import NoisyClassifier
 from cpvs.models.diffusion.schedule import NoiseSchedule
 from cpvs.models.diffusion.unet import DiffusionUNet, DiffusionUNetConfig
 from cpvs.preprocess.store import Store
-from cpvs.runinfo import write_run_record
+from cpvs.runinfo import plain, write_run_record
 from cpvs.train.checkpoint import load_checkpoint, save_checkpoint
 from cpvs.train.data import CropSampler, default_channels
 from cpvs.train.runtime import (
@@ -154,14 +154,14 @@ def train_diffusion(cfg: DiffusionConfig, progress: Progress | None = None):
         start = ck["train"]["epoch"] + 1
         metrics = MetricsTable.load(cfg.out / "metrics.parquet", ck["train"]["epoch"])
     if dist.main:
-        write_run_record(cfg.out, "train", {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+        write_run_record(cfg.out, "train", plain(cfg),
                          inputs={"store": str(cfg.data)})
     if dist.world > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     meta = dict(family=cfg.model, hparams={"net": net_cfg.to_dict(), "schedule": cfg.schedule, "crop": crop},
                 inputs=inputs, outputs=targets, normalization=store.normalization(inputs + targets), classes=classes,
                 label=cfg.label, data=sampler.summary(),
-                config={k: (str(v) if isinstance(v, Path) else (list(v) if isinstance(v, tuple) else v)) for k, v in asdict(cfg).items()})
+                config=plain(cfg))
     val_items = sampler.val_items(max_crops=16)
     clock = Clock(cfg.max_minutes)
     total = cfg.epochs * cfg.steps_per_epoch

@@ -31,7 +31,7 @@ from cpvs.errors import CpvsError
 from cpvs.models.vit import ChannelModels, load_init_weights
 from cpvs.plate.channels import is_brightfield
 from cpvs.preprocess.store import Store
-from cpvs.runinfo import write_run_record
+from cpvs.runinfo import plain, write_run_record
 from cpvs.train.checkpoint import load_checkpoint, save_checkpoint
 from cpvs.train.multicrop import CropSpec, PairSampler, views_for_batch
 from cpvs.train.runtime import (
@@ -179,7 +179,7 @@ def train_dino(cfg: DinoConfig, progress: Progress | None = None):
     start = 1
     if resume_from is not None:
         ck = load_checkpoint(resume_from)
-        if ck["config_identity"] != _jsonable(cfg.identity()):
+        if ck["config_identity"] != plain(cfg.identity()):
             raise CpvsError("--resume with different settings", resume_from, "rerun with the settings of the interrupted run")
         student.load_state_dict(ck["state"]["student"])
         teacher.load_state_dict(ck["state_dict"])
@@ -190,7 +190,7 @@ def train_dino(cfg: DinoConfig, progress: Progress | None = None):
         start = ck["train"]["epoch"] + 1
         metrics = MetricsTable.load(cfg.out / "metrics.parquet", ck["train"]["epoch"])
     if dist.main:
-        write_run_record(cfg.out, "train", _jsonable(asdict(cfg)), inputs={"store": str(cfg.data)},
+        write_run_record(cfg.out, "train", plain(cfg), inputs={"store": str(cfg.data)},
                          excluded_weak_labels=sampler.excluded, init_weights=init_notes)
     if dist.world > 1:
         student = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
@@ -199,7 +199,7 @@ def train_dino(cfg: DinoConfig, progress: Progress | None = None):
                 normalization=store.normalization(channels),
                 data={"store": str(cfg.data), "n_fields": len(done), "weak_label": cfg.weak_label if labels else None,
                       "excluded_weak_labels": sampler.excluded},
-                config=_jsonable(asdict(cfg)))
+                config=plain(cfg))
     total = cfg.epochs * steps
     warmup = cfg.warmup_epochs * steps
     clock = Clock(cfg.max_minutes)
@@ -249,7 +249,7 @@ def train_dino(cfg: DinoConfig, progress: Progress | None = None):
                      "center": {c: v.cpu() for c, v in center.items()}}
             save_checkpoint(cfg.out / "checkpoints" / "last.pt", **meta, state_dict=teacher.state_dict(),
                             train={"epoch": epoch, "step": row["step"], "metrics": row}, state=state,
-                            config_identity=_jsonable(cfg.identity()))
+                            config_identity=plain(cfg.identity()))
         dist.barrier()
         epochs_done = epoch
         if dist.agree(clock.out_of_time()) and epoch < cfg.epochs:
@@ -259,14 +259,3 @@ def train_dino(cfg: DinoConfig, progress: Progress | None = None):
     n_params = sum(p.numel() for p in teacher.parameters())
     return TrainResult(cfg.out, cfg.model, n_params, epochs_done, None, frame.iloc[-1].to_dict() if len(frame) else {},
                        frame, str(device), stopped)
-
-
-def _jsonable(d):
-    if isinstance(d, dict):
-        return {k: _jsonable(v) for k, v in d.items()}
-    if isinstance(d, (list, tuple)):
-        return [_jsonable(v) for v in d]
-    if isinstance(d, Path):
-        return str(d)
-    return d
-

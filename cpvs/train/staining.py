@@ -22,7 +22,7 @@ from cpvs.errors import CpvsError
 from cpvs.models import build_model, n_parameters
 from cpvs.models.critic import PatchCritic, gradient_penalty
 from cpvs.preprocess.store import Store
-from cpvs.runinfo import write_run_record
+from cpvs.runinfo import plain, write_run_record
 from cpvs.train.checkpoint import load_checkpoint, save_checkpoint
 from cpvs.train.data import CropSampler, default_channels
 from cpvs.train.runtime import (
@@ -96,7 +96,7 @@ def _checkpoint_meta(cfg: StainingConfig, family, hparams, inputs, targets, stor
     return dict(
         family=family, hparams=hparams, inputs=inputs, outputs=targets,
         normalization=store.normalization(inputs + targets), data=sampler.summary() if sampler else {},
-        config={k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+        config=plain(cfg),
     )
 
 
@@ -162,8 +162,7 @@ def train_staining(cfg: StainingConfig, progress: Progress | None = None) -> Tra
         best_val, best_epoch = ck["train"]["best"], ck["train"]["best_epoch"]
         metrics = MetricsTable.load(cfg.out / "metrics.parquet", ck["train"]["epoch"])
     if dist.main:
-        write_run_record(cfg.out, "train", {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
-                         inputs={"store": str(cfg.data), "init": str(cfg.init) if cfg.init else None})
+        write_run_record(cfg.out, "train", plain(cfg), inputs={"store": str(cfg.data), "init": str(cfg.init) if cfg.init else None})
     if dist.world > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         if critic is not None:
@@ -297,8 +296,7 @@ def _fit_linear(cfg: StainingConfig, store: Store, device, progress) -> TrainRes
     train_info = {"epoch": 1, "step": 1, "metrics": val, "best": val[cfg.select], "best_epoch": 1, "select": cfg.select}
     for name in ("best.pt", "last.pt"):
         save_checkpoint(cfg.out / "checkpoints" / name, **meta, state_dict=model.state_dict(), train=train_info)
-    write_run_record(cfg.out, "train", {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
-                     inputs={"store": str(cfg.data)})
+    write_run_record(cfg.out, "train", plain(cfg), inputs={"store": str(cfg.data)})
     return TrainResult(cfg.out, "linear", n_parameters(model), 1, 1, {"epoch": 1, **val}, metrics.frame(), str(device))
 
 
