@@ -98,7 +98,7 @@ def run_demo(
         pcc = evals[family].summary.set_index("channel")["pcc_mean"]
         summary.steps.append(Step(
             f"{family}: train, predict-plate, evaluate",
-            f"plate 2 (held out): PCC " + ", ".join(f"{c} {pcc[c]:.2f}" for c in evals[family].channels),
+            "plate 2 (held out): PCC " + ", ".join(f"{c} {pcc[c]:.2f}" for c in evals[family].channels),
             time.perf_counter() - t,
         ))
     summary.evaluations = evals

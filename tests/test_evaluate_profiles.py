@@ -10,7 +10,6 @@ import pytest
 from typer.testing import CliRunner
 
 from cpvs.cli import app
-from cpvs.errors import CpvsError
 from cpvs.evaluate.cpcor import feature_correlation, parse_feature
 from cpvs.evaluate.retrieval import nearest_neighbor_matching, target_matching
 from cpvs.evaluate.suite import EvalConfig, evaluate_profiles
