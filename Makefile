@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.cpvs-installed
 PYTHON ?= python3
 
-.PHONY: demo test test-fast completions clean
+.PHONY: demo test test-fast lint completions clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,8 +17,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/cpvs demo cpvs-demo
 
-test: $(STAMP)
+test: lint
 	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check cpvs tests benchmarks examples
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow"

@@ -29,11 +29,11 @@ def test_ws_dino_sampler_pairs_different_images_with_equal_labels():
     s = PairSampler(fields, labels)
     assert s.excluded == ["c"]  # a label with one image cannot be paired
     pairs = s.sample(np.random.default_rng(0), 2000)
-    assert all(g != l and labels[g] == labels[l] for g, l in pairs)
+    assert all(g != p and labels[g] == labels[p] for g, p in pairs)
     counts = pd.Series([labels[g] for g, _ in pairs]).value_counts()
     assert counts.min() > 0.8 * counts.max()  # balanced over labels, not over images
     dino = PairSampler(fields).sample(np.random.default_rng(0), 50)
-    assert all(g == l for g, l in dino)
+    assert all(g == p for g, p in dino)
     with pytest.raises(CpvsError, match="no weak label"):
         PairSampler([0, 1], ["x", "y"])
 

@@ -61,3 +61,15 @@ def test_report_is_self_contained_html(tmp_path):
     assert "MOA matching (NSC / NSCB)" in page and "NSCB confusion pairs" in page and "Active subset" in page and "Profiles in two dimensions" in page
     assert len(re.findall(r'src="data:image/png;base64,', page)) >= 3
     assert not re.search(r'(src|href)="(https?:)?//', page)  # nothing fetched from a network
+
+
+def test_image_grid_names_channels_over_the_stains_not_over_the_lone_brightfield():
+    from cpvs.evaluate.report import image_grid
+
+    img = np.random.default_rng(0).random((16, 16))
+    rows = [("brightfield (BF)", [img, None, None]), ("ground truth", [img] * 3), ("prediction", [img] * 3)]
+    fig = image_grid(rows, ["DNA", "ER", "RNA"], "P1 A01 site 1")
+    axes = np.array(fig.axes).reshape(3, 3)
+    assert [ax.get_title() for ax in axes[1]] == ["DNA", "ER", "RNA"]
+    assert axes[0][0].get_title() == "" and axes[0][0].get_ylabel() == "brightfield (BF)"
+    assert not axes[0][1].axison and not axes[0][2].axison

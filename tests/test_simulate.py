@@ -97,8 +97,8 @@ def test_moa_phenotypes_are_distinct_and_dose_dependent():
     def mito_per_cell_pixel(fields):
         return np.mean([img["Mito"][cells > 0].mean() - 120 for img, _, cells in fields])
 
-    c, l, h = mito_per_cell_pixel(ctrl), mito_per_cell_pixel(low), mito_per_cell_pixel(high)
-    assert h < l < c and h < 0.6 * c
+    c, lo, h = mito_per_cell_pixel(ctrl), mito_per_cell_pixel(low), mito_per_cell_pixel(high)
+    assert h < lo < c and h < 0.6 * c
 
     tox = [_field(TOXIC.effects, 1.0, s) for s in range(3)]
     n_ctrl = np.mean([cells.max() for _, _, cells in ctrl])

@@ -151,6 +151,8 @@ def image_grid(rows: list[tuple[str, list[np.ndarray]]], columns: list[str], tit
     """A grid of images: one row per kind (brightfield, truth, prediction, uncertainty), one column per channel."""
     plt = _plt()
     fig, axes = plt.subplots(len(rows), len(columns), figsize=(2.3 * len(columns), 2.3 * len(rows)), squeeze=False)
+    # Channel titles go on the first full row: over the lone brightfield image they would misname it.
+    title_row = next((r for r, (_, images) in enumerate(rows) if all(i is not None for i in images)), 0)
     for r, (name, images) in enumerate(rows):
         for c, img in enumerate(images):
             ax = axes[r][c]
@@ -161,7 +163,7 @@ def image_grid(rows: list[tuple[str, list[np.ndarray]]], columns: list[str], tit
             ax.imshow(np.clip((img - lo) / max(hi - lo, 1e-9), 0, 1), cmap="magma" if "uncert" in name else "gray")
             ax.set_xticks([])
             ax.set_yticks([])
-            if r == 0:
+            if r == title_row:
                 ax.set_title(columns[c], fontsize=9)
             if c == 0:
                 ax.set_ylabel(name, fontsize=9)

@@ -104,6 +104,6 @@ def views_for_batch(store: Store, rng: np.random.Generator, pairs: list[tuple[in
                     spec: CropSpec) -> list[torch.Tensor]:
     """Crops ordered as DINO expects: n_global tensors (B, 1, G, G), then n_local (B, 1, L, L)."""
     glob = [read_views(store, rng, g, channel, spec.n_global, spec.global_size, spec.global_scale) for g, _ in pairs]
-    loc = [read_views(store, rng, l, channel, spec.n_local, spec.local_size, spec.local_scale) for _, l in pairs]
+    loc = [read_views(store, rng, lo, channel, spec.n_local, spec.local_size, spec.local_scale) for _, lo in pairs]
     return [torch.stack([v[i] for v in glob]) for i in range(spec.n_global)] + \
            [torch.stack([v[i] for v in loc]) for i in range(spec.n_local)]
