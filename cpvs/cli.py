@@ -544,6 +544,7 @@ def predict_plate(
     samples: Annotated[int, typer.Option(help="ddpm: samples per field; K > 1 also writes per-pixel std maps (<channel>_std).")] = 1,
     seed: Annotated[int, typer.Option(help="ddpm: seed; a field's samples depend only on it and the field.")] = 0,
     field_strategy: Annotated[FieldStrategy, typer.Option(help="ddpm: resize fields to the training resolution and back, or sample tiles (shared noise, median stitch).")] = FieldStrategy.resize,
+    clip_denoised: Annotated[bool, typer.Option(help="ddpm: clamp each step's predicted clean image into the training targets' range (recorded in the checkpoint; older checkpoints: ±the preprocessing clip).")] = True,
 ) -> None:
     """Predict the Cell Painting channels of a whole plate from brightfield.
 
@@ -568,7 +569,7 @@ def predict_plate(
             label_col=label_col, samples=samples, seed=seed, field_strategy=field_strategy.value, tile=tile, stride=stride,
             batch_size=batch_size or 4, channel_map=channel_map, platemap=platemap, plate_name=plate_name,
             device=st.device, precision=precision.value, dtype=dtype.value, shard=parse_shard(shard), workers=workers,
-            illum_fields=illum_fields,
+            illum_fields=illum_fields, clip_denoised=clip_denoised,
         )
         with progress_bar(st.quiet) as cb:
             res = predict_plate_diffusion(dcfg, progress=cb)

@@ -140,6 +140,22 @@ def test_samplers_recover_a_known_signal_with_the_true_noise_predictor():
         make_sampler("euler", s)
 
 
+def test_clamped_samplers_stay_in_the_target_range_and_agree_when_it_is_never_hit():
+    s = NoiseSchedule.linear(T=200, start=1e-4, end=0.05)
+    eps = _eps_fn()  # a poor ε-model: its clean-image estimates overshoot any data range
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    lo = torch.tensor([-0.5, -1.0, -0.2, -2.0]).view(1, -1, 1, 1)
+    hi = torch.tensor([3.0, 1.0, 0.5, 2.0]).view(1, -1, 1, 1)
+    wide = (torch.full_like(lo, -1e9), torch.full_like(hi, 1e9))
+    for name, steps in (("ddim", 10), ("ddpm", 20), ("dpmpp", 10)):
+        free = make_sampler(name, s, steps).sample(eps, noise, lambda i: torch.zeros(2, 4, 8, 8))
+        assert (free < lo).any() or (free > hi).any()
+        out = make_sampler(name, s, steps, x0_range=(lo, hi)).sample(eps, noise, lambda i: torch.zeros(2, 4, 8, 8))
+        assert ((out >= lo - 1e-5) & (out <= hi + 1e-5)).all(), name
+        same = make_sampler(name, s, steps, x0_range=wide).sample(eps, noise, lambda i: torch.zeros(2, 4, 8, 8))
+        torch.testing.assert_close(same, free, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.slow
 def test_ddpm_trains_and_predicts_plates_with_uncertainty(sim_root, tmp_path):
     from cpvs.plate import discover_plate, discover_plates, read_image
@@ -163,6 +179,8 @@ def test_ddpm_trains_and_predicts_plates_with_uncertainty(sim_root, tmp_path):
 
     wa, wb = load_checkpoint(tmp_path / "ddpm")["state_dict"], load_checkpoint(tmp_path / "b")["state_dict"]
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    rng = load_checkpoint(tmp_path / "ddpm")["target_range"]
+    assert list(rng) == ["DNA", "ER", "RNA", "AGP", "Mito"] and all(lo < 0 < hi <= 15 for lo, hi in rng.values())
     train_diffusion(DiffusionConfig("classifier", tmp_path / "s.zarr", tmp_path / "clf", label="Metadata_Perturbation",
                                     epochs=1, **net))
     plate = sim_root / "SIM3-P01"

@@ -58,6 +58,7 @@ class DiffusionPredictConfig:
     sampler: str = "ddim"
     steps: int = 50
     eta: float = 0.0
+    clip_denoised: bool = True  # clamp predicted clean images into the training targets' range
     guidance: float = 0.0
     classifier: Path | None = None
     label_col: str | None = None  # default: the column the model was trained with
@@ -89,6 +90,21 @@ def load_diffusion(ck: dict, device) -> tuple[DiffusionUNet, NoiseSchedule]:
     return net.eval().to(device), NoiseSchedule.from_spec(ck["hparams"]["schedule"])
 
 
+def x0_range(ck: dict, outputs: list[str], device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The training targets' per-channel range from the checkpoint; checkpoints older than
+    that record fall back to the preprocessing clip (±clip), or no clamp when there was none."""
+    rng = ck.get("target_range")
+    if rng:
+        lo, hi = zip(*(rng[c] for c in outputs))
+    elif ck["normalization"].get("clip"):
+        c = float(ck["normalization"]["clip"])
+        lo, hi = [-c] * len(outputs), [c] * len(outputs)
+    else:
+        return None
+    as_t = lambda v: torch.tensor(v, dtype=torch.float32, device=device).view(1, -1, 1, 1)  # noqa: E731
+    return as_t(lo), as_t(hi)
+
+
 def _pad_to(x: np.ndarray, multiple: int) -> np.ndarray:
     h, w = x.shape[-2:]
     ph, pw = (-h) % multiple, (-w) % multiple
@@ -107,8 +123,9 @@ def predict_plate_diffusion(cfg: DiffusionPredictConfig, progress: Progress | No
         raise CpvsError(f"--model ddpm but the checkpoint is a {ck['family']} model", ck["path"])
     device = resolve_device(cfg.device)
     net, schedule = load_diffusion(ck, device)
-    sampler = make_sampler(cfg.sampler, schedule, cfg.steps, cfg.eta)
     inputs, outputs, norm = ck["inputs"], ck["outputs"], ck["normalization"]
+    sampler = make_sampler(cfg.sampler, schedule, cfg.steps, cfg.eta,
+                           x0_range(ck, outputs, device) if cfg.clip_denoised else None)
     classes = ck.get("classes") or []
     label_col = cfg.label_col if cfg.label_col is not None else ck.get("label")
     label_col = None if label_col in (None, "none") else label_col

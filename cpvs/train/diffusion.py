@@ -159,7 +159,8 @@ def train_diffusion(cfg: DiffusionConfig, progress: Progress | None = None):
     if dist.world > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     meta = dict(family=cfg.model, hparams={"net": net_cfg.to_dict(), "schedule": cfg.schedule, "crop": crop},
-                inputs=inputs, outputs=targets, normalization=store.normalization(inputs + targets), classes=classes,
+                inputs=inputs, outputs=targets, normalization=store.normalization(inputs + targets),
+                target_range=target_range(store, targets), classes=classes,
                 label=cfg.label, data=sampler.summary(),
                 config=plain(cfg))
     val_items = sampler.val_items(max_crops=16)
@@ -216,6 +217,15 @@ def train_diffusion(cfg: DiffusionConfig, progress: Progress | None = None):
     frame = metrics.frame()
     return TrainResult(cfg.out, cfg.model, sum(p.numel() for p in ema.parameters()), epochs_done, None,
                        frame.iloc[-1].to_dict() if len(frame) else {}, frame, str(device), stopped)
+
+
+def target_range(store: Store, targets: list[str], max_fields: int = 64) -> dict[str, list[float]]:
+    """Per-channel [min, max] of the training targets over up to ``max_fields`` evenly spaced
+    fields: the range samplers clamp predicted clean images into."""
+    idx = np.unique(np.linspace(0, len(store) - 1, min(max_fields, len(store))).astype(int))
+    arrays = np.stack([store.read_field(int(i), targets) for i in idx])
+    lo, hi = arrays.min(axis=(0, 2, 3)), arrays.max(axis=(0, 2, 3))
+    return {c: [float(a), float(b)] for c, a, b in zip(targets, lo, hi)}
 
 
 @torch.no_grad()
