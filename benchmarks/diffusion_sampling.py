@@ -95,10 +95,13 @@ def quality(args, device) -> None:
     from cpvs.evaluate.images import evaluate_images
     from cpvs.predict.diffusion_runner import DiffusionPredictConfig, predict_plate_diffusion
 
-    runs = [("ddpm", None)] + [(s, n) for s in ("ddim", "dpmpp") for n in (250, 50, 20, 10)]
+    # ddpm over a sub-sequence is the respaced ancestral process (fresh noise at every step)
+    runs = [("ddpm", None)] + [(s, n) for s in ("ddpm", "ddim", "dpmpp") for n in (250, 50, 20, 10)]
     if args.quality_steps:
         keep = {int(v) for v in args.quality_steps.split(",")}
-        runs = [(s, n) for s, n in runs if (n or 10**9) in keep or (s == "ddpm" and 0 in keep)]
+        runs = [(s, n) for s, n in runs if (n or 0) in keep]
+    if args.samplers:
+        runs = [(s, n) for s, n in runs if s in args.samplers.split(",")]
     print(f"quality of {args.quality_checkpoint} on {args.fields} field(s) of {args.quality_plate} (held out)")
     with tempfile.TemporaryDirectory() as tmp:
         for sampler, steps in runs:
@@ -130,6 +133,7 @@ def main() -> None:
     ap.add_argument("--quality-plate")
     ap.add_argument("--quality-steps", help="comma-separated step counts to evaluate (0 = DDPM over all T)")
     ap.add_argument("--fields", type=int, default=4)
+    ap.add_argument("--samplers", help="comma-separated samplers for the quality runs (default: ddpm,ddim,dpmpp)")
     args = ap.parse_args()
     device = resolve_device(args.device)
     if not args.skip_speed:

@@ -156,7 +156,7 @@ _cpvs() {
                 --field-strategy) COMPREPLY=($(compgen -W "resize tiles" -- "$cur")); return ;;
             esac
             if [[ "$cur" == -* ]]; then
-                COMPREPLY=($(compgen -W "--out -o --checkpoint --model --channel-map --platemap --plate-name --tile --stride --stitch --batch-size --precision --dtype --shard --workers --illum-fields --on-error --sampler --steps --eta --guidance --classifier --label-col --samples --seed --field-strategy" -- "$cur"))
+                COMPREPLY=($(compgen -W "--out -o --checkpoint --model --channel-map --platemap --plate-name --tile --stride --stitch --batch-size --precision --dtype --shard --workers --illum-fields --on-error --sampler --steps --eta --guidance --classifier --label-col --samples --seed --field-strategy --clip-denoised --no-clip-denoised" -- "$cur"))
             else
                 COMPREPLY=($(compgen -f -- "$cur"))
             fi ;;

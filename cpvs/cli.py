@@ -535,8 +535,8 @@ def predict_plate(
     workers: Annotated[int, typer.Option(help="Reader and writer threads each.")] = 2,
     illum_fields: Annotated[int, typer.Option(help="Fields (evenly spaced over the plate) averaged for the input illumination correction.")] = 256,
     on_error: Annotated[OnError, typer.Option(help="raise: stop at the first bad field; skip: leave it out and report it.")] = OnError.raise_,
-    sampler: Annotated[Sampler, typer.Option(help="ddpm: sampler (ddpm ancestral, ddim, dpmpp = DPM-Solver++ 2M).")] = Sampler.ddim,
-    steps: Annotated[Optional[int], typer.Option(help="ddpm: denoising steps (default: 50; all T steps for --sampler ddpm).")] = None,
+    sampler: Annotated[Sampler, typer.Option(help="ddpm: sampler (ddpm = ancestral, on a respaced sub-sequence below T steps; ddim; dpmpp = DPM-Solver++ 2M).")] = Sampler.ddpm,
+    steps: Annotated[int, typer.Option(help="ddpm: denoising steps, evenly spaced over the schedule (the published sampler: all 2000).")] = 50,
     eta: Annotated[float, typer.Option(help="ddpm: DDIM eta (0 deterministic, 1 = the DDPM posterior).")] = 0.0,
     guidance: Annotated[float, typer.Option(help="ddpm: classifier guidance scale s (0 disables).")] = 0.0,
     classifier: Annotated[Optional[Path], typer.Option(help="ddpm: run folder or checkpoint of `cpvs train --model classifier`, for --guidance.")] = None,
@@ -565,7 +565,7 @@ def predict_plate(
 
         dcfg = DiffusionPredictConfig(
             plate=plate, out=out, checkpoint=checkpoint, sampler=sampler.value,
-            steps=steps or (None if sampler == Sampler.ddpm else 50), eta=eta, guidance=guidance, classifier=classifier,
+            steps=steps, eta=eta, guidance=guidance, classifier=classifier,
             label_col=label_col, samples=samples, seed=seed, field_strategy=field_strategy.value, tile=tile, stride=stride,
             batch_size=batch_size or 4, channel_map=channel_map, platemap=platemap, plate_name=plate_name,
             device=st.device, precision=precision.value, dtype=dtype.value, shard=parse_shard(shard), workers=workers,

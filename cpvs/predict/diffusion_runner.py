@@ -55,7 +55,7 @@ class DiffusionPredictConfig:
     plate: Path
     out: Path
     checkpoint: Path
-    sampler: str = "ddim"
+    sampler: str = "ddpm"  # respaced ancestral: robust to an imperfect ε-model (see README)
     steps: int = 50
     eta: float = 0.0
     clip_denoised: bool = True  # clamp predicted clean images into the training targets' range
