@@ -223,8 +223,10 @@ def target_range(store: Store, targets: list[str], max_fields: int = 64) -> dict
     """Per-channel [min, max] of the training targets over up to ``max_fields`` evenly spaced
     fields: the range samplers clamp predicted clean images into."""
     idx = np.unique(np.linspace(0, len(store) - 1, min(max_fields, len(store))).astype(int))
-    arrays = np.stack([store.read_field(int(i), targets) for i in idx])
-    lo, hi = arrays.min(axis=(0, 2, 3)), arrays.max(axis=(0, 2, 3))
+    lo, hi = np.full(len(targets), np.inf), np.full(len(targets), -np.inf)
+    for i in idx:  # one field at a time: 64 full fields at once would take gigabytes
+        a = store.read_field(int(i), targets)
+        lo, hi = np.minimum(lo, a.min(axis=(1, 2))), np.maximum(hi, a.max(axis=(1, 2)))
     return {c: [float(a), float(b)] for c, a, b in zip(targets, lo, hi)}
 
 
