@@ -308,12 +308,9 @@ class Precision(str, Enum):
     fp16 = "fp16"
 
 
-class Stitch(str, Enum):
-    median = "median"
-    mean = "mean"
+class Average(str, Enum):
+    """Per-pixel stitching of overlapping tiles, and aggregation of profiles."""
 
-
-class Aggregation(str, Enum):
     median = "median"
     mean = "mean"
 
@@ -527,7 +524,7 @@ def predict_plate(
     plate_name: Annotated[Optional[str], typer.Option(help="Plate name (default: from the files or the folder).")] = None,
     tile: Annotated[int, typer.Option(help="Tile side in pixels of the model's input resolution.")] = 256,
     stride: Annotated[int, typer.Option(help="Tile step in pixels (128 = half a tile: interior pixels are covered by 4 tiles).")] = 128,
-    stitch: Annotated[Stitch, typer.Option(help="How overlapping tiles are combined per pixel.")] = Stitch.median,
+    stitch: Annotated[Average, typer.Option(help="How overlapping tiles are combined per pixel.")] = Average.median,
     batch_size: Annotated[Optional[int], typer.Option(help="Tiles per model call, tiles of several fields sharing a batch (default 16); ddpm: fields per call times --samples (default 4).")] = None,
     precision: Annotated[Precision, typer.Option(help="Autocast precision on GPU (the CPU always computes in fp32).")] = Precision.bf16,
     dtype: Annotated[OutDtype, typer.Option(help="Output TIFF type: uint16 intensities (clipped to 0..65535) or float32.")] = OutDtype.uint16,
@@ -603,7 +600,7 @@ def embed(
     channels: Annotated[Optional[str], typer.Option(help="Channels to embed (default: all the checkpoint's channels), e.g. BF alone.")] = None,
     channel_map: Annotated[Optional[str], typer.Option(help="Channel map of the plate (default: its channel_map.csv, else jump).")] = None,
     platemap: Annotated[Optional[Path], typer.Option(help="Platemap of the plate (default: platemap.csv in its folder).")] = None,
-    aggregate: Annotated[Aggregation, typer.Option(help="How fields are aggregated to wells and wells to perturbations.")] = Aggregation.median,
+    aggregate: Annotated[Average, typer.Option(help="How fields are aggregated to wells and wells to perturbations.")] = Average.median,
     tvn_control_query: Annotated[Optional[str], typer.Option(help="Typical variation normalization fitted on these rows, e.g. \"Metadata_ControlType == 'negcon'\".")] = None,
     attention_maps: Annotated[Optional[Path], typer.Option(help="Folder for PNGs of the last block's CLS attention per head.")] = None,
     n: Annotated[int, typer.Option("--n", help="Fields (evenly spaced) drawn as attention maps.")] = 16,
@@ -726,7 +723,7 @@ def profile(
     workers: Annotated[int, typer.Option(help="Processes measuring fields in parallel.")] = 1,
     shard: Annotated[Optional[str], typer.Option(help="Process shard I of N (e.g. 2/3); the tables are written by the shard that finishes the plate.")] = None,
     single_cells: Annotated[bool, typer.Option("--single-cells", help="Also write the single-cell table.")] = False,
-    aggregate: Annotated[Aggregation, typer.Option(help="Images -> wells -> perturbations (single cells -> image is always the median).")] = Aggregation.median,
+    aggregate: Annotated[Average, typer.Option(help="Images -> wells -> perturbations (single cells -> image is always the median).")] = Average.median,
     overlays: Annotated[int, typer.Option(help="Save mask overlay PNGs for the first N fields.")] = 0,
     on_error: Annotated[OnError, typer.Option(help="raise: stop at the first bad field; skip: leave it out and report it.")] = OnError.raise_,
     join: Annotated[Optional[list[Path]], typer.Option(help="Table mode: metadata table(s) joined on their shared Metadata_ columns (e.g. plate, well -> compound, MOA).")] = None,
@@ -869,7 +866,7 @@ def evaluate(
     derive: Annotated[Optional[list[str]], typer.Option(help="Add a column from a regex group of another: NEW=SOURCE:REGEX, e.g. 'Metadata_Batch=Metadata_Plate:^(Week\\d+)'. Repeatable.")] = None,
     negative_query: Annotated[Optional[str], typer.Option(help="Rows that are negative controls (default: control column == 'negcon', else MOA or compound == 'DMSO').")] = None,
     positive_query: Annotated[Optional[str], typer.Option(help="Rows that are positive (toxic) controls, e.g. \"Metadata_ControlType == 'poscon'\".")] = None,
-    aggregate: Annotated[Aggregation, typer.Option(help="How wells are aggregated to treatments.")] = Aggregation.median,
+    aggregate: Annotated[Average, typer.Option(help="How wells are aggregated to treatments.")] = Average.median,
     match_cols: Annotated[Optional[str], typer.Option(help="--cpcor: comma-separated columns matching prediction and truth rows (default: plate, well, site).")] = None,
     method: Annotated[CorrMethod, typer.Option(help="--cpcor correlation.")] = CorrMethod.spearman,
     k: Annotated[int, typer.Option(help="--target: neighbours counted for the top-k match.")] = 5,

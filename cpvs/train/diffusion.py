@@ -33,8 +33,8 @@ from cpvs.runinfo import plain, write_run_record
 from cpvs.train.checkpoint import load_checkpoint, save_checkpoint
 from cpvs.train.data import CropSampler, default_channels
 from cpvs.train.runtime import (
-    Clock, MetricsTable, Progress, autocast, check_precision, prepare_run_folder, rng_state, set_rng_state,
-    setup_distributed, unwrap,
+    Clock, MetricsTable, Progress, autocast, prepare_run_folder, rng_state, set_rng_state,
+    start_run, unwrap,
 )
 
 
@@ -118,10 +118,8 @@ def train_diffusion(cfg: DiffusionConfig, progress: Progress | None = None):
 
     if cfg.model not in ("ddpm", "classifier"):
         raise CpvsError(f"unknown diffusion family {cfg.model!r}")
-    check_precision(cfg.precision)
     progress = progress or (lambda *a, **k: None)
-    dist, device = setup_distributed(cfg.device)
-    store = Store(cfg.data)
+    dist, device, store = start_run(cfg.precision, cfg.device, cfg.data)
     inputs, targets = default_channels(store, cfg.inputs, cfg.targets)
     if cfg.model == "classifier" and not cfg.label:
         raise CpvsError("the guidance classifier needs --label (the class column, e.g. Metadata_Perturbation)")

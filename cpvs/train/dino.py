@@ -35,8 +35,8 @@ from cpvs.runinfo import plain, write_run_record
 from cpvs.train.checkpoint import load_checkpoint, save_checkpoint
 from cpvs.train.multicrop import CropSpec, PairSampler, views_for_batch
 from cpvs.train.runtime import (
-    Clock, MetricsTable, Progress, autocast, check_precision, prepare_run_folder, rng_state, set_rng_state,
-    setup_distributed, unwrap,
+    Clock, MetricsTable, Progress, autocast, prepare_run_folder, rng_state, set_rng_state,
+    start_run, unwrap,
 )
 
 
@@ -141,10 +141,8 @@ def train_dino(cfg: DinoConfig, progress: Progress | None = None):
 
     if cfg.model not in ("dino", "ws-dino"):
         raise CpvsError(f"unknown self-supervised model {cfg.model!r}")
-    check_precision(cfg.precision)
     progress = progress or (lambda *a, **k: None)
-    dist, device = setup_distributed(cfg.device)
-    store = Store(cfg.data)
+    dist, device, store = start_run(cfg.precision, cfg.device, cfg.data)
     channels = cfg.channels or [c for c in store.channels if not is_brightfield(c)]
     store.channel_index(channels)
     done = np.flatnonzero(store.done_mask()).tolist()

@@ -63,6 +63,16 @@ def setup_distributed(device_spec: str) -> tuple[Dist, torch.device]:
     return Dist(rank, world, local), device
 
 
+def start_run(precision: str, device_spec: str, data: Path):
+    """What every trainer does first: check the precision, join the process group (if any) and
+    open the store. Returns (dist, device, store)."""
+    from cpvs.preprocess.store import Store
+
+    check_precision(precision)
+    dist, device = setup_distributed(device_spec)
+    return dist, device, Store(data)
+
+
 def autocast(device: torch.device, precision: str):
     """Mixed precision on GPU (bf16/fp16); CPU always computes in fp32."""
     if device.type != "cuda" or precision == "fp32":

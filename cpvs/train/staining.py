@@ -26,8 +26,8 @@ from cpvs.runinfo import plain, write_run_record
 from cpvs.train.checkpoint import load_checkpoint, save_checkpoint
 from cpvs.train.data import CropSampler, default_channels
 from cpvs.train.runtime import (
-    BETTER, Clock, MetricsTable, Progress, autocast, check_precision, is_better, prepare_run_folder, rng_state,
-    set_rng_state, setup_distributed, unwrap, validate,
+    BETTER, Clock, MetricsTable, Progress, autocast, is_better, prepare_run_folder, rng_state,
+    set_rng_state, start_run, unwrap, validate,
 )
 
 FAMILIES = ("unet", "cwgan", "linear")
@@ -106,10 +106,8 @@ def train_staining(cfg: StainingConfig, progress: Progress | None = None) -> Tra
         raise CpvsError(f"unknown staining model {cfg.model!r}; use one of {', '.join(FAMILIES)}")
     if cfg.select not in BETTER:
         raise CpvsError(f"--select must be one of {', '.join(BETTER)}, got {cfg.select!r}")
-    check_precision(cfg.precision)
     progress = progress or (lambda *a, **k: None)
-    dist, device = setup_distributed(cfg.device)
-    store = Store(cfg.data)
+    dist, device, store = start_run(cfg.precision, cfg.device, cfg.data)
     if cfg.model == "linear":
         return _fit_linear(cfg, store, device, progress)
 
