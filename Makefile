@@ -22,12 +22,13 @@ test: lint
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check cpvs tests benchmarks examples
+	$(VENV)/bin/lint-imports
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow"
 
 completions: $(STAMP)
-	$(PY) -m cpvs.completion completions/
+	$(PY) -m cpvs.cli.completion completions/
 
 clean:
 	rm -rf $(VENV) cpvs-demo .pytest_cache

@@ -29,7 +29,7 @@ from cpvs.device import resolve_device
 from cpvs.models.diffusion.samplers import make_sampler
 from cpvs.models.diffusion.schedule import NoiseSchedule
 from cpvs.models.diffusion.unet import DiffusionUNet, DiffusionUNetConfig
-from cpvs.train.runtime import autocast
+from cpvs.device import autocast
 
 STEPS = (2000, 250, 50, 20, 10)
 
@@ -93,7 +93,7 @@ def speed(args, device) -> None:
 
 def quality(args, device) -> None:
     from cpvs.evaluate.images import evaluate_images
-    from cpvs.predict.diffusion_runner import DiffusionPredictConfig, predict_plate_diffusion
+    from cpvs.predict.runner import PredictConfig, predict_plate
 
     # ddpm over a sub-sequence is the respaced ancestral process (fresh noise at every step)
     runs = [("ddpm", None)] + [(s, n) for s in ("ddpm", "ddim", "dpmpp") for n in (250, 50, 20, 10)]
@@ -102,6 +102,9 @@ def quality(args, device) -> None:
         runs = [(s, n) for s, n in runs if (n or 0) in keep]
     if args.samplers:
         runs = [(s, n) for s, n in runs if s in args.samplers.split(",")]
+    from cpvs.checkpoints import load_checkpoint
+
+    T = load_checkpoint(args.quality_checkpoint)["hparams"]["schedule"]["T"]  # "all T": the published sampler
     print(f"quality of {args.quality_checkpoint} on {args.fields} field(s) of {args.quality_plate} (held out)")
     with tempfile.TemporaryDirectory() as tmp:
         for sampler, steps in runs:
@@ -109,9 +112,9 @@ def quality(args, device) -> None:
             t = time.perf_counter()
             n_fields = len(list(Path(args.quality_plate).glob("*ch5sk1*.tiff")))
             shards = max(1, n_fields // max(1, args.fields))
-            predict_plate_diffusion(DiffusionPredictConfig(Path(args.quality_plate), out, Path(args.quality_checkpoint),
-                                                           sampler=sampler, steps=steps, device=str(device), seed=0,
-                                                           shard=(1, shards), batch_size=args.fields))
+            predict_plate(PredictConfig(Path(args.quality_plate), out, Path(args.quality_checkpoint),
+                                        sampler=sampler, steps=steps or T, device=str(device), seed=0,
+                                        shard=(1, shards), batch_size=args.fields))
             dt = time.perf_counter() - t
             ev = evaluate_images(out, Path(args.quality_plate))
             s = ev.summary.set_index("channel")

@@ -25,8 +25,8 @@ from cpvs.predict.tiling import tile_grid
 from cpvs.preprocess.pipeline import preprocess_plates
 from cpvs.preprocess.store import Store
 from cpvs.simulate import simulate
-from cpvs.train.checkpoint import save_checkpoint
-from cpvs.train.runtime import autocast
+from cpvs.checkpoints import save_checkpoint
+from cpvs.device import autocast
 
 
 def main() -> None:

@@ -1,7 +1,8 @@
-"""``--device auto|cpu|cuda[:N]`` and ``--precision`` resolution."""
+"""``--device auto|cpu|cuda[:N]`` and ``--precision``: resolution and mixed-precision contexts."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 
 from cpvs.errors import CpvsError
@@ -30,3 +31,18 @@ def resolve_device(spec: str = "auto"):
         if index >= torch.cuda.device_count():
             raise CpvsError(f"--device {spec}: only {torch.cuda.device_count()} GPU(s) visible")
     return torch.device(spec)
+
+
+def check_precision(precision: str) -> str:
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise CpvsError(f"--precision must be fp32, bf16 or fp16, got {precision!r}")
+    return precision
+
+
+def autocast(device, precision: str):
+    """Mixed precision on GPU (bf16/fp16); the CPU always computes in fp32."""
+    import torch
+
+    if device.type != "cuda" or precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)

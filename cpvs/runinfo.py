@@ -100,10 +100,3 @@ def write_run_record(folder: str | Path, command: str, params: dict[str, Any], i
     path = Path(folder) / name
     write_json_atomic(path, rec)
     return path
-
-
-def read_run_record(folder: str | Path) -> dict[str, Any] | None:
-    path = Path(folder) / RUN_FILE
-    if not path.exists():
-        return None
-    return json.loads(path.read_text())

@@ -106,6 +106,36 @@ def aggregate(df: pd.DataFrame, by: list[str], features: list[str], method: str 
     return pd.concat(parts, axis=1).copy().reset_index()  # copy() consolidates the blocks first
 
 
+def perturbation_columns(table: pd.DataFrame) -> list[str]:
+    """The columns that define a perturbation: ``Metadata_Perturbation``, else compound and
+    concentration, else the well itself."""
+    if "Metadata_Perturbation" in table.columns:
+        return ["Metadata_Perturbation"]
+    cols = [c for c in ("Metadata_Compound", "Metadata_Concentration") if c in table.columns]
+    return cols or ["Metadata_Well"]
+
+
+WELL_KEYS = ["Metadata_Plate", "Metadata_Well"]
+
+
+def _carried(df: pd.DataFrame, drop: list[str]) -> list[str]:
+    """Metadata carried up a level: everything but the keys below it and the counts of lower levels."""
+    return [c for c in df.columns if is_metadata(c) and c not in drop and not c.startswith("Metadata_Count_")]
+
+
+def to_wells(df: pd.DataFrame, features: list[str], method: str = "median", count: str = "Metadata_Count_Images") -> pd.DataFrame:
+    """Images (or fields) -> one row per plate and well, with the number of rows aggregated in ``count``."""
+    keep = _carried(df, WELL_KEYS + ["Metadata_Site"])
+    return aggregate(df, WELL_KEYS, features, method, keep).rename(columns={"n_profiles": count})
+
+
+def to_perturbations(wells: pd.DataFrame, features: list[str], method: str = "median") -> pd.DataFrame:
+    """Wells -> one row per perturbation (:func:`perturbation_columns`), with ``Metadata_Count_Wells``."""
+    keys = perturbation_columns(wells)
+    keep = _carried(wells, keys + WELL_KEYS + ["Metadata_Site"])
+    return aggregate(wells, keys, features, method, keep).rename(columns={"n_profiles": "Metadata_Count_Wells"})
+
+
 def query_mask(df: pd.DataFrame, expr: str, option: str, source=None) -> np.ndarray:
     """Rows matching a pandas query expression, or one error listing the metadata columns."""
     try:

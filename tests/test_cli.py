@@ -126,3 +126,35 @@ def test_error_platemap_missing_wells(sim_plate, tmp_path):
 
 def test_error_missing_plate_folder(tmp_path):
     _assert_clean_error(run("preprocess", tmp_path / "nope", "-o", tmp_path / "s.zarr"), "not found", "nope")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "unet", "--critic-steps", "3"], "--critic-steps is a cwgan option; --model unet does not use it"),
+    (["--model", "cwgan", "--init", "x", "--depth", "3"], "--depth is a unet option; --model cwgan does not use it (the generator keeps"),
+    (["--model", "linear", "--epochs", "2"], "--epochs is an option of unet, cwgan, ddpm, classifier, dino, ws-dino; --model linear"),
+    (["--model", "dino", "--label", "Metadata_Perturbation"], "--label is an option of ddpm, classifier; --model dino"),
+    (["--model", "ddpm", "--weak-label", "Metadata_Compound"], "--weak-label is a ws-dino option"),
+])
+def test_train_refuses_options_of_other_families(tmp_path, args, message):
+    r = runner.invoke(app, ["train", "--data", str(tmp_path / "none.zarr"), "-o", str(tmp_path / "run"), *args])
+    assert r.exit_code == 2 and message in " ".join(r.output.split()), r.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_help_groups_options_by_family_with_config_defaults():
+    r = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "250"})
+    assert r.exit_code == 0
+    for panel in ("All families", "cWGAN-GP (cwgan)", "Diffusion (ddpm, classifier)", "DINO (dino, ws-dino)"):
+        assert panel in r.output
+    text = " ".join(r.output.split())
+    assert "256 unet/cwgan/linear; 512 ddpm/classifier" in text  # --crop, from the configs
+    assert "10 unet; 4 cwgan; 2 ddpm/classifier; 16 dino/ws-dino" in text  # --batch-size
+
+
+def test_global_options_after_the_verb_and_out_option(tmp_path):
+    r = runner.invoke(app, ["simulate", "-o", str(tmp_path / "s"), "--plates", "1", "--wells", "4", "--sites", "1", "--size", "64",
+                            "--quiet", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert r.output == "" and (tmp_path / "s" / "SIM0-P01").is_dir()
+    r = runner.invoke(app, ["simulate", str(tmp_path / "a"), "-o", str(tmp_path / "b")])
+    assert r.exit_code == 2 and "two output folders" in r.output

@@ -6,14 +6,14 @@ import subprocess
 
 import pytest
 
-from cpvs.completion import SCRIPTS
+from cpvs.cli.completion import SCRIPTS
 from conftest import REPO
 
 
 @pytest.mark.parametrize("name", list(SCRIPTS))
 def test_completion_scripts_are_in_sync_with_the_app(name):
     shipped = (REPO / "completions" / name).read_text()
-    assert shipped == SCRIPTS[name](), f"completions/{name} is stale: run `python -m cpvs.completion completions/`"
+    assert shipped == SCRIPTS[name](), f"completions/{name} is stale: run `python -m cpvs.cli.completion completions/`"
 
 
 def _bash_complete(words: list[str]) -> list[str]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -159,7 +161,7 @@ def test_clamped_samplers_stay_in_the_target_range_and_agree_when_it_is_never_hi
 @pytest.mark.slow
 def test_ddpm_trains_and_predicts_plates_with_uncertainty(sim_root, tmp_path):
     from cpvs.plate import discover_plate, discover_plates, read_image
-    from cpvs.predict.diffusion_runner import DiffusionPredictConfig, predict_plate_diffusion
+    from cpvs.predict.runner import PredictConfig, predict_plate
     from cpvs.preprocess.pipeline import preprocess_plates
     from cpvs.train.diffusion import DiffusionConfig, train_diffusion
 
@@ -175,7 +177,7 @@ def test_ddpm_trains_and_predicts_plates_with_uncertainty(sim_root, tmp_path):
     train_diffusion(DiffusionConfig("ddpm", tmp_path / "s.zarr", tmp_path / "b", label="Metadata_Perturbation", epochs=1, **net))
     train_diffusion(DiffusionConfig("ddpm", tmp_path / "s.zarr", tmp_path / "b", label="Metadata_Perturbation", epochs=2,
                                     resume=True, **net))
-    from cpvs.train.checkpoint import load_checkpoint
+    from cpvs.checkpoints import load_checkpoint
 
     wa, wb = load_checkpoint(tmp_path / "ddpm")["state_dict"], load_checkpoint(tmp_path / "b")["state_dict"]
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -185,7 +187,7 @@ def test_ddpm_trains_and_predicts_plates_with_uncertainty(sim_root, tmp_path):
                                     epochs=1, **net))
     plate = sim_root / "SIM3-P01"
     cfg = dict(steps=5, samples=3, seed=7, device="cpu", batch_size=3)
-    a = predict_plate_diffusion(DiffusionPredictConfig(plate, tmp_path / "pred", tmp_path / "ddpm", **cfg))
+    a = predict_plate(PredictConfig(plate, tmp_path / "pred", tmp_path / "ddpm", **cfg))
     assert a.n_written == 12
     pred = discover_plate(tmp_path / "pred")
     assert pred.channels == ["DNA", "ER", "RNA", "AGP", "Mito", "DNA_std", "ER_std", "RNA_std", "AGP_std", "Mito_std"]
@@ -193,18 +195,42 @@ def test_ddpm_trains_and_predicts_plates_with_uncertainty(sim_root, tmp_path):
     assert read_image(f.files["DNA"]).shape == (160, 160) and read_image(f.files["Mito_std"]).max() > 0
     # Deterministic for a seed, whatever the batching and sharding.
     for i in (1, 2):
-        predict_plate_diffusion(DiffusionPredictConfig(plate, tmp_path / "pred2", tmp_path / "ddpm", shard=(i, 2),
+        predict_plate(PredictConfig(plate, tmp_path / "pred2", tmp_path / "ddpm", shard=(i, 2),
                                                        **dict(cfg, batch_size=2)))
     for p in (tmp_path / "pred").glob("*.tiff"):
         assert p.read_bytes() == (tmp_path / "pred2" / p.name).read_bytes()
     # guidance, other samplers and the tile strategy run
-    g = predict_plate_diffusion(DiffusionPredictConfig(plate, tmp_path / "guided", tmp_path / "ddpm", sampler="ddpm", steps=4,
+    g = predict_plate(PredictConfig(plate, tmp_path / "guided", tmp_path / "ddpm", sampler="ddpm", steps=4,
                                                        guidance=1.0, classifier=tmp_path / "clf", device="cpu", shard=(1, 6)))
     assert g.n_written == 2
-    t = predict_plate_diffusion(DiffusionPredictConfig(plate, tmp_path / "tiles", tmp_path / "ddpm", sampler="dpmpp", steps=4,
+    t = predict_plate(PredictConfig(plate, tmp_path / "tiles", tmp_path / "ddpm", sampler="dpmpp", steps=4,
                                                        field_strategy="tiles", tile=32, stride=16, device="cpu", shard=(1, 6)))
     assert t.n_written == 2
+    # The checkpoint says what it is: no --model needed; options of the other strategy are refused.
+    r = runner.invoke(app, ["--device", "cpu", "predict-plate", str(plate), "--checkpoint", str(tmp_path / "ddpm"), "-o",
+                            str(tmp_path / "cli"), "--steps", "2", "--shard", "1/6"])
+    assert r.exit_code == 0 and "ddpm model" in r.output, r.output
+    r = runner.invoke(app, ["predict-plate", str(plate), "--checkpoint", str(tmp_path / "ddpm"), "-o", str(tmp_path / "x"),
+                            "--stitch", "mean"])
+    assert r.exit_code == 2 and "--stitch" in r.output and "--field-strategy tiles" in r.output
+    # Tiles honour --stitch and --guidance (both were silently ignored before).
+    tiled = dict(sampler="ddim", steps=3, field_strategy="tiles", tile=32, stride=16, device="cpu", shard=(1, 6))
+    predict_plate(PredictConfig(plate, tmp_path / "t_med", tmp_path / "ddpm", **tiled))
+    predict_plate(PredictConfig(plate, tmp_path / "t_mean", tmp_path / "ddpm", stitch="mean", **tiled))
+    predict_plate(PredictConfig(plate, tmp_path / "t_guided", tmp_path / "ddpm", guidance=5.0, classifier=tmp_path / "clf", **tiled))
+    name = sorted(p.name for p in (tmp_path / "t_med").glob("*.tiff"))[0]
+    med, mean, guided = (read_image(tmp_path / d / name) for d in ("t_med", "t_mean", "t_guided"))
+    assert not np.array_equal(med, mean) and not np.array_equal(med, guided)
+    # --on-error skip leaves a corrupt field out and names it (it raised before).
+    broken = tmp_path / "broken"
+    shutil.copytree(plate, broken)
+    bad = sorted(broken.glob("r01c01f01*ch8sk1*.tiff"))[0]
+    bad.write_bytes(b"corrupt")
+    with pytest.raises(CpvsError, match="corrupt"):
+        predict_plate(PredictConfig(broken, tmp_path / "b1", tmp_path / "ddpm", steps=2, device="cpu", shard=(1, 6)))
+    s = predict_plate(PredictConfig(broken, tmp_path / "b2", tmp_path / "ddpm", steps=2, device="cpu", shard=(1, 6), on_error="skip"))
+    assert len(s.skipped) == 1 and s.n_written == 1 and "r01c01" not in "".join(p.name for p in (tmp_path / "b2").glob("*.tiff"))
     r = runner.invoke(app, ["evaluate", "--images", "--pred", str(tmp_path / "pred"), "--truth", str(plate), "--json"])
     assert r.exit_code == 0, r.output
     with pytest.raises(CpvsError, match="--classifier"):
-        predict_plate_diffusion(DiffusionPredictConfig(plate, tmp_path / "x", tmp_path / "ddpm", guidance=1.0, device="cpu"))
+        predict_plate(PredictConfig(plate, tmp_path / "x", tmp_path / "ddpm", guidance=1.0, device="cpu"))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -13,7 +15,7 @@ from cpvs.embed.embedding import central_crops, tvn
 from cpvs.errors import CpvsError
 from cpvs.models.vit import build_backbone, cls_attention, load_init_weights
 from cpvs.preprocess.store import Store
-from cpvs.train.checkpoint import load_checkpoint
+from cpvs.checkpoints import load_checkpoint
 from cpvs.train.dino import DinoConfig, dino_loss, lr_at, train_dino
 from cpvs.train.multicrop import CropSpec, PairSampler, crop_box, views_for_batch
 
@@ -143,3 +145,13 @@ def test_ws_dino_trains_resumes_and_embeds(sim_root, tmp_path):
     r = runner.invoke(app, ["embed", str(store), "--checkpoint", str(tmp_path / "a"), "-o", str(tmp_path / "x.parquet"),
                             "--channels", "Mito"])
     assert r.exit_code == 2 and "no model for Mito" in r.output
+    # A cpvs DINO checkpoint is a FID feature network (it raised an ImportError before).
+    plate = sim_root / "SIM3-P01"
+    r = runner.invoke(app, ["--device", "cpu", "evaluate", "--fid", "--pred", str(plate), "--truth", str(plate), "--channels",
+                            "DNA,AGP", "--fid-network", str(tmp_path / "a" / "checkpoints" / "last.pt"), "--json"])
+    assert r.exit_code == 0, r.output
+    fid = json.loads(r.output)["fid"]
+    assert set(fid) == {"DNA", "AGP"} and all(abs(v) < 1e-3 for v in fid.values())  # a plate against itself
+    r = runner.invoke(app, ["evaluate", "--fid", "--pred", str(plate), "--truth", str(plate), "--channels", "Mito",
+                            "--fid-network", str(tmp_path / "a")])
+    assert r.exit_code == 2 and "no ViT for Mito" in r.output

@@ -37,7 +37,7 @@ def test_fid_network_loads_from_a_local_torchvision_inception_file(tmp_path):
     path = tmp_path / "inception.pth"
     torch.save(inception_v3(weights=None, aux_logits=True, init_weights=True).state_dict(), path)
     net = load_feature_network(path)
-    feats = net.embed(np.random.default_rng(0).random((3, 120, 100)).astype(np.float32))
+    feats = net.embed(np.random.default_rng(0).random((3, 120, 100)).astype(np.float32), "DNA")
     assert feats.shape == (3, 2048) and np.isfinite(feats).all()
 
 
@@ -64,7 +64,7 @@ def test_report_is_self_contained_html(tmp_path):
 
 
 def test_image_grid_names_channels_over_the_stains_not_over_the_lone_brightfield():
-    from cpvs.evaluate.report import image_grid
+    from cpvs.evaluate.figures import image_grid
 
     img = np.random.default_rng(0).random((16, 16))
     rows = [("brightfield (BF)", [img, None, None]), ("ground truth", [img] * 3), ("prediction", [img] * 3)]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from skimage.metrics import mean_squared_error, peak_signal_noise_ratio, structural_similarity
 
-from cpvs.evaluate.image_metrics import image_metrics, mae, mse, pcc, psnr, ssim, to_8bit
+from cpvs.image_metrics import image_metrics, mae, mse, pcc, psnr, ssim, to_8bit
 from cpvs.plate import read_image
 
 

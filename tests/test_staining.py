@@ -15,12 +15,13 @@ from cpvs.errors import CpvsError
 from cpvs.models import build_model, n_parameters
 from cpvs.models.critic import PatchCritic, gradient_penalty
 from cpvs.plate import discover_plate, read_image, write_image
-from cpvs.predict.runner import PredictConfig, parse_shard, predict_plate, shard_fields
+from cpvs.plate.shards import Shard
+from cpvs.predict.runner import PredictConfig, predict_plate
 from cpvs.preprocess.illumination import illumination_function
 from cpvs.preprocess.normalize import zscore
 from cpvs.preprocess.pipeline import preprocess_plates
 from cpvs.preprocess.store import Store
-from cpvs.train.checkpoint import load_checkpoint, save_checkpoint
+from cpvs.checkpoints import load_checkpoint, save_checkpoint
 from cpvs.train.staining import StainingConfig, train_staining
 from conftest import TINY_UNET
 
@@ -213,13 +214,13 @@ def test_predict_plate_resume_shards_and_evaluate(sim_root, tiny_unet, tmp_path)
 
 def test_shards_are_disjoint_and_cover_the_plate(sim_root):
     fields = discover_plate(sim_root / "SIM3-P01").fields
-    parts = [shard_fields(fields, (i, 4)) for i in range(1, 5)]
+    parts = [Shard(i, 4).select(fields) for i in range(1, 5)]
     keys = [f.key for p in parts for f in p]
     assert sorted(keys) == sorted(f.key for f in fields) and len(set(keys)) == len(keys)
-    assert parse_shard("2/3") == (2, 3)
+    assert Shard.parse("2/3") == (2, 3) and str(Shard.parse("2/3")) == "2/3" and Shard.parse(None).whole
     for bad in ("0/3", "4/3", "x", "1-3"):
         with pytest.raises(CpvsError):
-            parse_shard(bad)
+            Shard.parse(bad)
 
 
 def test_predict_errors_are_clear(sim_root, tiny_unet, tmp_path):
@@ -234,9 +235,11 @@ def test_predict_errors_are_clear(sim_root, tiny_unet, tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
     r = run("predict-plate", plate, "-o", tmp_path / "o", "--checkpoint", bad)
-    assert r.exit_code == 2 and "cannot read checkpoint" in r.output and "bad.pt" in r.output
+    assert r.exit_code == 2 and "not a cpvs checkpoint" in r.output and "bad.pt" in r.output and "weights_only" not in r.output
     r = run("predict-plate", plate, "-o", tmp_path / "o", "--checkpoint", tiny_unet, "--model", "cwgan")
     assert r.exit_code == 2 and "checkpoint is a unet model" in r.output
+    r = run("predict-plate", plate, "-o", tmp_path / "o", "--checkpoint", tiny_unet, "--steps", "5", "--samples", "2")
+    assert r.exit_code == 2 and "--steps, --samples only apply to diffusion checkpoints" in r.output
     r = run("predict-plate", plate, "-o", tmp_path / "o", "--checkpoint", tiny_unet, "--shard", "5/3")
     assert r.exit_code == 2 and "--shard" in r.output
     r = run("predict-plate", plate, "-o", tmp_path / "o", "--checkpoint", tiny_unet, "--tile", "66")

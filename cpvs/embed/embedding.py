@@ -19,9 +19,9 @@ import numpy as np
 import pandas as pd
 import torch
 
+from cpvs.device import autocast
 from cpvs.errors import CpvsError
 from cpvs.models.vit import ChannelModels
-from cpvs.train.runtime import autocast
 
 Progress = Callable[..., None]
 
@@ -36,13 +36,6 @@ def central_crops(image: np.ndarray, crop: int = 224, grid: int = 2) -> np.ndarr
     y0, x0 = (h - side) // 2, (w - side) // 2
     return np.stack([image[:, y0 + i * crop : y0 + (i + 1) * crop, x0 + j * crop : x0 + (j + 1) * crop]
                      for i in range(grid) for j in range(grid)])
-
-
-def models_from_checkpoint(ck: dict, device: torch.device) -> ChannelModels:
-    hp = ck["hparams"]
-    models = ChannelModels(hp["channels"], hp["arch"], hp["out_dim"], hp["hidden"], hp["bottleneck"], hp.get("img_size", 224))
-    models.load_state_dict(ck["state_dict"])
-    return models.eval().to(device)
 
 
 @torch.no_grad()
@@ -129,20 +122,14 @@ def tvn(df: pd.DataFrame, features: list[str], controls: np.ndarray, eps: float 
 
 def save_tables(emb: pd.DataFrame, features: list[str], out: Path, method: str = "median") -> dict[str, Path]:
     """Field, well (median, or ``method``) and perturbation tables next to ``out``."""
-    from cpvs.profile.pipeline import perturbation_columns
     from cpvs.runinfo import atomic_path
-    from cpvs.tables import aggregate
+    from cpvs.tables import WELL_KEYS, to_perturbations, to_wells
 
     paths = {"field": out}
-    meta = [c for c in emb.columns if c.startswith("Metadata_")]
     tables = {"field": emb}
-    if {"Metadata_Plate", "Metadata_Well"} <= set(emb.columns):
-        keep = [c for c in meta if c not in ("Metadata_Plate", "Metadata_Well", "Metadata_Site")]
-        well = aggregate(emb, ["Metadata_Plate", "Metadata_Well"], features, method, keep).rename(columns={"n_profiles": "Metadata_Count_Fields"})
-        tables["well"] = well
-        keys = perturbation_columns(well)
-        keep_p = [c for c in keep if c not in keys]
-        tables["perturbation"] = aggregate(well, keys, features, method, keep_p).rename(columns={"n_profiles": "Metadata_Count_Wells"})
+    if set(WELL_KEYS) <= set(emb.columns):
+        tables["well"] = to_wells(emb, features, method, count="Metadata_Count_Fields")
+        tables["perturbation"] = to_perturbations(tables["well"], features, method)
     for level, df in tables.items():
         path = out if level == "field" else out.with_name(out.name.replace(".parquet", "") + f"_{level}.parquet")
         paths[level] = path

@@ -3,9 +3,10 @@
 The feature network is always a local file the user passes; nothing is
 downloaded. Supported: an Inception-v3 state dict in torchvision's layout (the
 2048-d pool features, 299² inputs; e.g. torchvision's ``inception_v3_google``
-weights), or a cpvs checkpoint whose family provides ``embed_images`` (the DINO
-embedders of ``cpvs embed``). Each channel is scaled to [0, 1] by its 0.1–99.9
-percentiles, replicated to 3 channels for RGB networks, and resized.
+weights), or a DINO / WS-DINO checkpoint of ``cpvs train`` (each channel embedded by its
+own ViT: the CLS embedding of the whole image resized to the model's crop size and
+z-scored, as the ViT saw its training crops). Each channel is scaled to [0, 1] by its
+0.1–99.9 percentiles, replicated to 3 channels for RGB networks, and resized.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def stats_of(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 @dataclass
 class FeatureNetwork:
     name: str
-    embed: Callable[[np.ndarray], np.ndarray]  # (N, H, W) float images in [0, 1] -> (N, D)
+    embed: Callable[[np.ndarray, str], np.ndarray]  # (N, H, W) float images in [0, 1] of one channel -> (N, D)
 
 
 def _inception_from_state_dict(state: dict, device: torch.device) -> FeatureNetwork:
@@ -62,7 +63,7 @@ def _inception_from_state_dict(state: dict, device: torch.device) -> FeatureNetw
     std = torch.tensor(IMAGENET_STD, device=device)[None, :, None, None]
 
     @torch.inference_mode()
-    def embed(images: np.ndarray) -> np.ndarray:
+    def embed(images: np.ndarray, channel: str) -> np.ndarray:
         out = []
         for i in range(0, len(images), 16):
             x = torch.from_numpy(images[i : i + 16]).float().to(device)[:, None].expand(-1, 3, -1, -1)
@@ -73,8 +74,35 @@ def _inception_from_state_dict(state: dict, device: torch.device) -> FeatureNetw
     return FeatureNetwork("inception_v3 (pool, 2048-d)", embed)
 
 
+def _vit_from_checkpoint(ck: dict, device: torch.device) -> FeatureNetwork:
+    from cpvs.models import load_model
+
+    loaded = load_model(ck, device, roles=("embedding",), option="--fid-network")
+    models = loaded.net
+    size = models.input_size
+
+    @torch.inference_mode()
+    def embed(images: np.ndarray, channel: str) -> np.ndarray:
+        if channel not in models.channels:
+            raise CpvsError(f"the --fid-network checkpoint has no ViT for {channel} (it has {', '.join(models.channels)})",
+                            loaded.path, "pass --channels with those channels, or another checkpoint")
+        out = []
+        for i in range(0, len(images), 16):
+            x = torch.from_numpy(images[i : i + 16]).float().to(device)[:, None]
+            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+            x = (x - x.mean(dim=(2, 3), keepdim=True)) / (x.std(dim=(2, 3), keepdim=True) + 1e-6)
+            out.append(models[channel].embed(x).float().cpu().numpy())
+        return np.concatenate(out)
+
+    return FeatureNetwork(f"{loaded.family} {models[models.channels[0]].backbone.num_features}-d CLS per channel", embed)
+
+
 def load_feature_network(path: str | Path, device: torch.device | str = "cpu") -> FeatureNetwork:
     path = Path(path)
+    if path.is_dir():  # a run folder of `cpvs train --model dino|ws-dino`
+        from cpvs.checkpoints import resolve_checkpoint
+
+        path = resolve_checkpoint(path)
     if not path.exists():
         raise CpvsError("feature network file not found", path, "pass local Inception-v3 weights or a cpvs embed checkpoint")
     device = torch.device(device)
@@ -82,10 +110,9 @@ def load_feature_network(path: str | Path, device: torch.device | str = "cpu") -
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise CpvsError(f"cannot read the network file ({type(e).__name__})", path) from None
-    if isinstance(state, dict) and state.get("format", "").startswith("cpvs-checkpoint"):
-        from cpvs.models import build_embedder  # arrives with cpvs embed
-
-        return build_embedder(state, device)
+    if isinstance(state, dict) and str(state.get("format", "")).startswith("cpvs-checkpoint"):
+        state["path"] = str(path)
+        return _vit_from_checkpoint(state, device)
     if isinstance(state, dict) and "Mixed_7c.branch_pool.conv.weight" in state:
         return _inception_from_state_dict(state, device)
     raise CpvsError("unrecognized network file: expected torchvision Inception-v3 weights or a cpvs embed checkpoint", path)
@@ -101,7 +128,7 @@ def fid_per_channel(pred_images: dict[str, list[np.ndarray]], truth_images: dict
     """FID of each channel's predicted images against its real ones."""
     out = {}
     for ch in pred_images:
-        fp = network.embed(np.stack([scale01(i) for i in pred_images[ch]]))
-        ft = network.embed(np.stack([scale01(i) for i in truth_images[ch]]))
+        fp = network.embed(np.stack([scale01(i) for i in pred_images[ch]]), ch)
+        ft = network.embed(np.stack([scale01(i) for i in truth_images[ch]]), ch)
         out[ch] = frechet_distance(*stats_of(fp), *stats_of(ft))
     return out

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from cpvs.errors import CpvsError
-from cpvs.evaluate.image_metrics import METRICS, image_metrics
+from cpvs.image_metrics import METRICS, image_metrics
 from cpvs.plate.channels import FLUORESCENCE
 from cpvs.plate.discover import discover_plate
 from cpvs.plate.tiff import read_image
@@ -105,7 +105,7 @@ def image_grids(pred, truth, channels=None, truth_channel_map=None, n_fields: in
     """Figures for the report: per sample field, rows brightfield / ground truth / prediction /
     uncertainty (when the prediction has ``<channel>_std`` maps), one column per channel; a
     centre crop of ``crop`` px keeps cells visible."""
-    from cpvs.evaluate.report import image_grid
+    from cpvs.evaluate.figures import image_grid
     from cpvs.plate.channels import is_brightfield
 
     pplate, tplate, pairs, channels = _pair_plates(pred, truth, channels, truth_channel_map)

@@ -42,21 +42,6 @@ def read_image(path: str | Path) -> np.ndarray:
     return arr
 
 
-def image_shape(path: str | Path) -> tuple[int, int]:
-    """(H, W) from the TIFF header alone, without decoding pixels."""
-    path = Path(path)
-    try:
-        with tifffile.TiffFile(path) as tf:
-            shape = tuple(s for s in tf.series[0].shape if s != 1)
-    except FileNotFoundError:
-        raise CpvsError("image file is missing", path) from None
-    except Exception as e:  # tifffile raises many types for a damaged header
-        raise CpvsError(f"corrupt or truncated TIFF ({type(e).__name__}: {e})", path, _CORRUPT_HINT) from None
-    if len(shape) != 2:
-        raise CpvsError(f"expected a single-plane 2-D image, found shape {shape}", path)
-    return shape  # type: ignore[return-value]
-
-
 def write_image(path: str | Path, image: np.ndarray, compression: str | None = None) -> None:
     """Write one 2-D image atomically (temporary name, then rename)."""
     if image.ndim != 2:

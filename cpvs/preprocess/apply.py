@@ -16,7 +16,7 @@ from cpvs.errors import CpvsError
 from cpvs.plate.layout import Field, Plate
 from cpvs.preprocess.illumination import plate_illumination
 from cpvs.preprocess.normalize import clip, resize_image, zscore
-from cpvs.preprocess.pipeline import read_field_stack
+from cpvs.plate.stack import read_field_stack
 
 
 @dataclass
@@ -27,10 +27,10 @@ class FieldNormalizer:
 
     @classmethod
     def for_plate(cls, plate: Plate, channels: list[str], norm: dict, illum_fields: int = 256,
-                  cache: Path | None = None, workers: int = 2) -> "FieldNormalizer":
+                  cache: Path | None = None, workers: int = 2, on_error: str = "raise") -> "FieldNormalizer":
         illum = None
         if norm["illum_size"] > 1:
-            illum = plate_illumination(plate, channels, norm["illum_size"], illum_fields, cache, workers)
+            illum = plate_illumination(plate, channels, norm["illum_size"], illum_fields, cache, workers, on_error)
         return cls(channels, norm, illum)
 
     def work_shape(self, native: tuple[int, int]) -> tuple[int, int]:

@@ -17,6 +17,10 @@ import numpy as np
 from scipy import ndimage
 from skimage.transform import resize
 
+from cpvs.errors import CpvsError
+from cpvs.plate.stack import read_field_stack
+from cpvs.runinfo import atomic_path
+
 
 def illumination_function(mean_image: np.ndarray, size: int = 249, min_fraction: float = 0.05) -> np.ndarray:
     """Smooth illumination function (H, W) float32 with mean 1.
@@ -57,27 +61,40 @@ def large_scale_variation(image: np.ndarray, blocks: int = 8, percentile: float 
 
 
 def plate_illumination(plate, channels: list[str], size: int, max_fields: int, cache: Path | None = None,
-                       workers: int = 2) -> np.ndarray:
+                       workers: int = 2, on_error: str = "raise") -> np.ndarray:
     """Illumination functions (C, H, W) of a plate's ``channels`` from up to ``max_fields``
     evenly spaced fields of the whole plate.
 
     Used where a step needs a plate's illumination without a preprocessing pass
     (predict-plate, profile): every shard of a job array samples the same fields
-    and so corrects with the same function. Cached in ``cache`` when given.
+    and so corrects with the same function. Cached in ``cache`` when given. With
+    ``on_error="skip"`` unreadable fields are left out of the average (they are skipped
+    later too); otherwise the first one stops with its error.
     """
-    from cpvs.preprocess.pipeline import read_field_stack
-    from cpvs.runinfo import atomic_path
-
     picks = plate.fields[:: max(1, -(-len(plate.fields) // max_fields))]
     key = hashlib.sha256(json.dumps([size, channels, [f.key for f in picks]]).encode()).hexdigest()[:12]
     path = None if cache is None else Path(cache) / f"illum-{plate.name}-{key}.npy"
     if path is not None and path.exists():
         return np.load(path)
-    total = None
+    def read(f):
+        try:
+            return read_field_stack(f, channels)
+        except CpvsError:
+            if on_error != "skip":
+                raise
+            return None
+
+    total, n = None, 0
     with ThreadPoolExecutor(max(1, workers)) as ex:
-        for stack in ex.map(lambda f: read_field_stack(f, channels), picks):  # in order: a deterministic sum
+        for stack in ex.map(read, picks):  # in order: a deterministic sum
+            if stack is None:
+                continue
             total = stack.astype(np.float64) if total is None else total + stack
-    func = np.stack([illumination_function(m, size) for m in total / len(picks)])
+            n += 1
+    if total is None:
+        raise CpvsError(f"no readable field among the {len(picks)} sampled for the illumination correction", plate.root,
+                        "check the plate's files (see the errors of --on-error raise)")
+    func = np.stack([illumination_function(m, size) for m in total / n])
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path, suffix=".npy") as tmp:

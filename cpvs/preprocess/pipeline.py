@@ -21,7 +21,7 @@ import zarr
 from cpvs import __version__
 from cpvs.errors import CpvsError
 from cpvs.plate.layout import Field, Plate
-from cpvs.plate.tiff import read_image
+from cpvs.plate.stack import read_field_stack
 from cpvs.preprocess.illumination import illumination_function
 from cpvs.preprocess.normalize import clip, resize_image, zscore
 from cpvs.preprocess.store import FORMAT, create_store
@@ -41,22 +41,6 @@ class PreprocessResult:
     skipped: list[dict] = field(default_factory=list)
     channel_stats: dict[str, dict[str, float]] = field(default_factory=dict)
     seconds: float = 0.0
-
-
-def read_field_stack(f: Field, channels: list[str], shape: tuple[int, int] | None = None) -> np.ndarray:
-    """(C, H, W) float32 raw intensities of one field; every channel must have ``shape``."""
-    planes = []
-    for c in channels:
-        img = read_image(f.files[c])
-        if shape is not None and img.shape != tuple(shape):
-            raise CpvsError(
-                f"image is {img.shape[0]}x{img.shape[1]} but the plate's fields are {shape[0]}x{shape[1]}",
-                f.files[c],
-                "remove or re-export the odd field, or rerun with --on-error skip",
-            )
-        shape = img.shape
-        planes.append(img.astype(np.float32))
-    return np.stack(planes)
 
 
 def _try(fn, *args):

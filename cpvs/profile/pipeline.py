@@ -28,13 +28,13 @@ from cpvs.errors import CpvsError
 from cpvs.plate.channels import is_brightfield
 from cpvs.plate.discover import discover_plate
 from cpvs.plate.layout import Field, Plate
+from cpvs.plate.shards import Shard
 from cpvs.plate.tiff import read_image, write_image
-from cpvs.predict.runner import shard_fields
 from cpvs.preprocess.illumination import plate_illumination
 from cpvs.profile.features import check_skip, measure_field
 from cpvs.profile.segment import Masks, SegmentParams, pair_objects, segment_field
 from cpvs.runinfo import atomic_path, plain, write_run_record
-from cpvs.tables import aggregate
+from cpvs.tables import to_perturbations, to_wells
 
 Progress = Callable[..., None]
 CELLS_DIR = ".cpvs-cells"
@@ -190,10 +190,11 @@ def profile_plate(cfg: ProfileConfig, progress: Progress | None = None) -> Profi
     out.mkdir(parents=True, exist_ok=True)
     cells_dir = out / CELLS_DIR / plate.name
     cell_path = lambda f: cells_dir / f"{f.well}_s{f.site}.parquet"  # noqa: E731
-    mine = shard_fields(plate.fields, cfg.shard)
+    mine = Shard(*cfg.shard).select(plate.fields)
     done = [f for f in mine if cell_path(f).exists()]
     todo = [f for f in mine if not cell_path(f).exists()]
-    illum = (plate_illumination(plate, read, cfg.illum_size, cfg.illum_fields, out / ".cpvs-cache", max(1, cfg.workers))
+    illum = (plate_illumination(plate, read, cfg.illum_size, cfg.illum_fields, out / ".cpvs-cache", max(1, cfg.workers),
+                                 cfg.on_error)
              if cfg.illum_size > 1 else None)
     overlay_keys = {f.key for f in plate.fields[: cfg.overlays]}
     jobs = [(f, read, measure, illum, cfg, cell_path(f), f.key in overlay_keys) for f in todo]
@@ -218,7 +219,7 @@ def profile_plate(cfg: ProfileConfig, progress: Progress | None = None) -> Profi
         if ex is not None:
             ex.shutdown(wait=True, cancel_futures=True)
     params = plain(cfg)
-    record = "cpvs-run.json" if cfg.shard == (1, 1) else f"cpvs-run.shard-{cfg.shard[0]}-of-{cfg.shard[1]}.json"
+    record = Shard(*cfg.shard).record_name()
     write_run_record(out, "profile", params, inputs={"plate": str(cfg.plate)}, name=record, skipped=skipped)
     res = ProfileResult(out, plate.name, len(mine), n_written, len(done), 0, False, skipped=skipped)
     finished = [f for f in plate.fields if cell_path(f).exists()]
@@ -229,13 +230,6 @@ def profile_plate(cfg: ProfileConfig, progress: Progress | None = None) -> Profi
         res.n_cells = int(pd.read_parquet(res.tables["image"], columns=["Image_Count_Cells"])["Image_Count_Cells"].sum())
     res.seconds = time.perf_counter() - t0
     return res
-
-
-def perturbation_columns(table: pd.DataFrame) -> list[str]:
-    if "Metadata_Perturbation" in table.columns:
-        return ["Metadata_Perturbation"]
-    cols = [c for c in ("Metadata_Compound", "Metadata_Concentration") if c in table.columns]
-    return cols or ["Metadata_Well"]
 
 
 def aggregate_plate(plate: Plate, fields: list[Field], cell_path, out: Path, cfg: ProfileConfig) -> dict[str, Path]:
@@ -253,12 +247,8 @@ def aggregate_plate(plate: Plate, fields: list[Field], cell_path, out: Path, cfg
             cells_all.append(cells)
     image = pd.concat(images, ignore_index=True)
     features = [c for c in image.columns if not c.startswith("Metadata_")]
-    well_keys = ["Metadata_Plate", "Metadata_Well"]
-    keep = [c for c in meta.columns if c not in well_keys + ["Metadata_Site"]]
-    well = aggregate(image, well_keys, features, cfg.aggregate, keep).rename(columns={"n_profiles": "Metadata_Count_Images"})
-    pert_keys = perturbation_columns(well)
-    keep_p = [c for c in keep if c not in pert_keys and c != "Metadata_Well"]
-    pert = aggregate(well, pert_keys, features, cfg.aggregate, keep_p).rename(columns={"n_profiles": "Metadata_Count_Wells"})
+    well = to_wells(image, features, cfg.aggregate)
+    pert = to_perturbations(well, features, cfg.aggregate)
     paths = {}
     for name, df in (("image", image), ("well", well), ("perturbation", pert)):
         paths[name] = out / f"{plate.name}_{name}.parquet"

@@ -10,7 +10,8 @@ import pandas as pd
 
 from cpvs.errors import CpvsError
 from cpvs.profile.normalize import OPERATIONS, feature_select, normalize
-from cpvs.tables import feature_columns, query_mask, read_table
+from cpvs.runinfo import atomic_path
+from cpvs.tables import canonical_metadata, feature_columns, join_metadata, query_mask, read_table, to_perturbations
 
 
 @dataclass
@@ -30,6 +31,11 @@ class PostprocessConfig:
     @property
     def active(self) -> bool:
         return bool(self.normalize or self.select or self.features_from)
+
+    def check(self) -> None:
+        bad = [o for o in self.operations if o not in OPERATIONS]
+        if bad:
+            raise CpvsError(f"unknown --select-ops {', '.join(bad)}; use {', '.join(OPERATIONS)}")
 
     def suffix(self) -> str:
         parts = (["normalized"] if self.normalize else []) + (["feature_select"] if self.select or self.features_from else [])
@@ -81,3 +87,39 @@ def postprocess(df: pd.DataFrame, cfg: PostprocessConfig, source=None) -> tuple[
     meta = [c for c in df.columns if c not in set(features)]
     report.n_features_out = len(kept)
     return df[meta + kept].copy(), report
+
+
+def write_table(df: pd.DataFrame, path: Path) -> Path:
+    """CSV (optionally gzipped) by the name's suffix, else Parquet; written atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        if path.suffix.lower() == ".csv" or path.name.lower().endswith(".csv.gz"):
+            df.to_csv(tmp, index=False, compression="gzip" if path.name.lower().endswith(".gz") else None)
+        else:
+            df.to_parquet(tmp, index=False)
+    return path
+
+
+def postprocess_table(table: Path, cfg: PostprocessConfig, out: Path, joins: list[Path] | None = None) -> tuple[Path, PostprocessReport]:
+    """``cpvs profile TABLE``: join metadata, normalize and select; ``out`` is a table path or a folder."""
+    cfg.check()
+    if not cfg.active:
+        raise CpvsError("nothing to do with a table", hint="pass --normalize and/or --feature-select (or --features-from)")
+    df = canonical_metadata(read_table(table))
+    for j in joins or []:
+        df = join_metadata(df, j)
+    result, report = postprocess(df, cfg, table)
+    stem = table.name.split(".")[0]
+    target = out if out.suffix.lower() in (".parquet", ".csv", ".gz") else out / f"{stem}_{cfg.suffix()}.parquet"
+    return write_table(result, target), report
+
+
+def postprocess_wells(well_tables: list[Path], cfg: PostprocessConfig, out: Path, method: str = "median") -> tuple[dict[str, Path], PostprocessReport]:
+    """The well tables of profiled plates, normalized and selected together, and their perturbations."""
+    cfg.check()
+    wells = pd.concat([pd.read_parquet(p) for p in well_tables], ignore_index=True)
+    result, report = postprocess(wells, cfg, out)
+    suffix = cfg.suffix()
+    paths = {"well": write_table(result, out / f"well_{suffix}.parquet")}
+    paths["perturbation"] = write_table(to_perturbations(result, feature_columns(result), method), out / f"perturbation_{suffix}.parquet")
+    return paths, report

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import pandas as pd
 
 from cpvs.errors import CpvsError
 from cpvs.plate.channels import PRESETS
@@ -126,14 +125,3 @@ def simulate(
         write_run_record(folder, "simulate", params)
     write_run_record(out, "simulate", params, plates=[f.name for f in folders])
     return SimulateResult(out, folders, len(jobs), written, time.perf_counter() - t0)
-
-
-def describe_design(moas: int) -> pd.DataFrame:
-    """The MOA classes a simulation with ``moas`` classes uses, with targets and effects."""
-    from cpvs.simulate.design import TOXIC, compounds
-
-    rows = [dict(compound=c.name, moa=c.moa.name, target=c.moa.target, ec50_um=c.ec50_um,
-                 effects=", ".join(f"{k} {v:+.1f}" for k, v in c.moa.effects.items())) for c in compounds(moas)]
-    rows.append(dict(compound="SIM-TOX", moa=TOXIC.name, target=TOXIC.target, ec50_um=0.5,
-                     effects=", ".join(f"{k} {v:+.1f}" for k, v in TOXIC.effects.items())))
-    return pd.DataFrame(rows)

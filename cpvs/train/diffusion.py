@@ -24,18 +24,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cpvs.checkpoints import load_checkpoint, save_checkpoint
+from cpvs.device import autocast
 from cpvs.errors import CpvsError
 from cpvs.models.diffusion.classifier import NoisyClassifier
 from cpvs.models.diffusion.schedule import NoiseSchedule
 from cpvs.models.diffusion.unet import DiffusionUNet, DiffusionUNetConfig
 from cpvs.preprocess.store import Store
 from cpvs.runinfo import plain, write_run_record
-from cpvs.train.checkpoint import load_checkpoint, save_checkpoint
 from cpvs.train.data import CropSampler, default_channels
 from cpvs.train.runtime import (
-    Clock, MetricsTable, Progress, autocast, prepare_run_folder, rng_state, set_rng_state,
-    start_run, unwrap,
+    Clock,
+    MetricsTable,
+    Progress,
+    prepare_run_folder,
+    rng_state,
+    set_rng_state,
+    start_run,
+    unwrap,
 )
+
+
+DEFAULT_SCHEDULE = {"kind": "linear", "T": 2000, "start": 1e-6, "end": 0.01}  # METHODS §5
 
 
 @dataclass
@@ -59,7 +69,7 @@ class DiffusionConfig:
     attention_downsample: tuple[int, ...] = (16,)
     head_channels: int = 32
     dropout: float = 0.2
-    schedule: dict = field(default_factory=lambda: {"kind": "linear", "T": 2000, "start": 1e-6, "end": 0.01})
+    schedule: dict = field(default_factory=lambda: dict(DEFAULT_SCHEDULE))
     val_fraction: float = 0.1
     seed: int = 0
     precision: str = "bf16"
@@ -77,6 +87,20 @@ class DiffusionConfig:
         for k in ("out", "resume", "max_minutes", "epochs", "device", "workers", "data"):
             d.pop(k)
         return d
+
+
+def schedule_spec(kind: str | None = None, T: int | None = None, start: float | None = None, end: float | None = None) -> dict:
+    """A schedule spec from the parts given (the rest from the published linear schedule)."""
+    kind = kind or DEFAULT_SCHEDULE["kind"]
+    if kind not in ("linear", "cosine"):
+        raise CpvsError(f"--schedule must be linear or cosine, got {kind!r}")
+    spec = {"kind": kind, "T": T if T is not None else DEFAULT_SCHEDULE["T"]}
+    if kind == "linear":
+        spec.update(start=start if start is not None else DEFAULT_SCHEDULE["start"],
+                    end=end if end is not None else DEFAULT_SCHEDULE["end"])
+    elif start is not None or end is not None:
+        raise CpvsError("--beta-start and --beta-end set the linear schedule; the cosine schedule has no betas to set")
+    return spec
 
 
 def augment(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,23 +21,34 @@ import copy
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cpvs.checkpoints import load_checkpoint, save_checkpoint
+from cpvs.device import autocast
 from cpvs.errors import CpvsError
 from cpvs.models.vit import ChannelModels, load_init_weights
 from cpvs.plate.channels import is_brightfield
 from cpvs.preprocess.store import Store
 from cpvs.runinfo import plain, write_run_record
-from cpvs.train.checkpoint import load_checkpoint, save_checkpoint
 from cpvs.train.multicrop import CropSpec, PairSampler, views_for_batch
 from cpvs.train.runtime import (
-    Clock, MetricsTable, Progress, autocast, prepare_run_folder, rng_state, set_rng_state,
-    start_run, unwrap,
+    Clock,
+    MetricsTable,
+    Progress,
+    prepare_run_folder,
+    rng_state,
+    set_rng_state,
+    start_run,
+    unwrap,
 )
+
+
+EvaluateFn = Callable[[ChannelModels, Store, list, torch.device], dict]
 
 
 @dataclass
@@ -70,10 +81,6 @@ class DinoConfig:
     resume: bool = False
     max_minutes: float | None = None
     eval_every: int = 0
-    moa_col: str = "Metadata_MOA"
-    compound_col: str = "Metadata_Compound"
-    batch_col: str = "Metadata_Batch"
-    negative_query: str = "Metadata_ControlType == 'negcon'"
 
     def identity(self) -> dict:
         d = asdict(self)
@@ -111,32 +118,10 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
         pt.mul_(momentum).add_(ps.detach(), alpha=1 - momentum)
 
 
-def _evaluate(teacher: ChannelModels, store: Store, channels: list[str], device, cfg: DinoConfig) -> dict:
-    """NSC / NSCB of well-level teacher embeddings of the whole store (when MOAs are known)."""
-    from cpvs.embed.embedding import embed_store
-    from cpvs.evaluate.suite import EvalConfig, evaluate_profiles
-
-    emb = embed_store(store, teacher, channels, device)
-    feats = [c for c in emb.fields.columns if c.startswith("Emb_")]
-    from cpvs.tables import aggregate
-
-    meta = [c for c in emb.fields.columns if c.startswith("Metadata_") and c not in ("Metadata_Well", "Metadata_Site", "Metadata_Plate")]
-    wells = aggregate(emb.fields, ["Metadata_Plate", "Metadata_Well"], feats, "median", meta)
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "wells.parquet"
-        wells.to_parquet(path)
-        has_batch = cfg.batch_col in wells.columns and wells[cfg.batch_col].nunique() > 1
-        res = evaluate_profiles(EvalConfig(path, nsc=True, nscb=has_batch, moa_col=cfg.moa_col, compound_col=cfg.compound_col,
-                                           batch_col=cfg.batch_col, negative_query=cfg.negative_query))
-    out = {"nsc": res.results["nsc"].score}
-    if "nscb" in res.results:
-        out["nscb"] = res.results["nscb"].score
-    return out
-
-
-def train_dino(cfg: DinoConfig, progress: Progress | None = None):
+def train_dino(cfg: DinoConfig, progress: Progress | None = None, evaluate: EvaluateFn | None = None):
+    """Train DINO / WS-DINO on the store ``cfg.data``. ``evaluate(teacher, store, channels, device)``
+    returns metrics (e.g. NSC/NSCB of teacher embeddings) recorded every ``cfg.eval_every`` epochs;
+    the evaluation layer supplies it (:func:`cpvs.evaluate.training.moa_matching`)."""
     from cpvs.train.staining import TrainResult
 
     if cfg.model not in ("dino", "ws-dino"):
@@ -202,11 +187,12 @@ def train_dino(cfg: DinoConfig, progress: Progress | None = None):
     warmup = cfg.warmup_epochs * steps
     clock = Clock(cfg.max_minutes)
     epochs_done, stopped = start - 1, False
-    has_moa = cfg.eval_every > 0 and cfg.moa_col in store.table.columns
+    has_moa = cfg.eval_every > 0 and evaluate is not None
     if has_moa and start == 1 and dist.main:  # the untrained (random or --init-weights) networks, for reference
         teacher.eval()
-        metrics.append({"epoch": 0, "step": 0, "seconds": 0.0, "loss": float("nan"), "lr": 0.0,
-                        **_evaluate(teacher, store, channels, device, cfg)})
+        scores = evaluate(teacher, store, channels, device)
+        if scores:
+            metrics.append({"epoch": 0, "step": 0, "seconds": 0.0, "loss": float("nan"), "lr": 0.0, **scores})
     for epoch in range(start, cfg.epochs + 1):
         losses = []
         for step in range(steps):
@@ -241,7 +227,7 @@ def train_dino(cfg: DinoConfig, progress: Progress | None = None):
         if dist.main:
             if has_moa and epoch % cfg.eval_every == 0:
                 teacher.eval()
-                row.update(_evaluate(teacher, store, channels, device, cfg))
+                row.update(evaluate(teacher, store, channels, device))
             metrics.append(row)
             state = {"student": unwrap(student).state_dict(), "optimizer": opt.state_dict(), "rng": rng_state(),
                      "center": {c: v.cpu() for c, v in center.items()}}

@@ -3,7 +3,6 @@ metrics tables, validation and RNG state for exact resumes."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -15,9 +14,9 @@ import pandas as pd
 import torch
 from torch import nn
 
-from cpvs.device import resolve_device
+from cpvs.device import autocast, check_precision, resolve_device
 from cpvs.errors import CpvsError
-from cpvs.evaluate.image_metrics import channel_metrics
+from cpvs.image_metrics import channel_metrics
 from cpvs.runinfo import atomic_path
 
 Progress = Callable[..., None]  # (stage, completed, total, info="")
@@ -71,19 +70,6 @@ def start_run(precision: str, device_spec: str, data: Path):
     check_precision(precision)
     dist, device = setup_distributed(device_spec)
     return dist, device, Store(data)
-
-
-def autocast(device: torch.device, precision: str):
-    """Mixed precision on GPU (bf16/fp16); CPU always computes in fp32."""
-    if device.type != "cuda" or precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-
-
-def check_precision(precision: str) -> str:
-    if precision not in ("fp32", "bf16", "fp16"):
-        raise CpvsError(f"--precision must be fp32, bf16 or fp16, got {precision!r}")
-    return precision
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -18,16 +18,26 @@ import pandas as pd
 import torch
 from torch import nn
 
+from cpvs.checkpoints import load_checkpoint, save_checkpoint
+from cpvs.device import autocast
 from cpvs.errors import CpvsError
-from cpvs.models import build_model, n_parameters
+from cpvs.models import build_model, load_model, n_parameters
 from cpvs.models.critic import PatchCritic, gradient_penalty
 from cpvs.preprocess.store import Store
 from cpvs.runinfo import plain, write_run_record
-from cpvs.train.checkpoint import load_checkpoint, save_checkpoint
 from cpvs.train.data import CropSampler, default_channels
 from cpvs.train.runtime import (
-    BETTER, Clock, MetricsTable, Progress, autocast, is_better, prepare_run_folder, rng_state,
-    set_rng_state, start_run, unwrap, validate,
+    BETTER,
+    Clock,
+    MetricsTable,
+    Progress,
+    is_better,
+    prepare_run_folder,
+    rng_state,
+    set_rng_state,
+    start_run,
+    unwrap,
+    validate,
 )
 
 FAMILIES = ("unet", "cwgan", "linear")
@@ -115,7 +125,7 @@ def train_staining(cfg: StainingConfig, progress: Progress | None = None) -> Tra
     if cfg.model == "cwgan":
         if cfg.init is None:
             raise CpvsError("cwgan training starts from a trained U-Net", hint="pass --init RUN_UNET (a run folder or checkpoint)")
-        init = load_checkpoint(cfg.init)
+        init = load_model(cfg.init, roles=("staining",), option="--init").checkpoint
         if init["family"] not in ("unet", "cwgan"):
             raise CpvsError(f"--init must be a U-Net checkpoint, this one is {init['family']}", init["path"])
         inputs, targets = init["inputs"], init["outputs"]

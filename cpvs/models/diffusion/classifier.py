@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cpvs.models.diffusion.unet import Attention, DiffusionUNetConfig, ResBlock, _norm, noise_level_embedding
+from cpvs.models.diffusion.unet import Attention, DiffusionUNetConfig, ResBlock, group_norm, noise_level_embedding
 
 
 class AttentionPool(nn.Module):
@@ -49,7 +49,7 @@ class NoisyClassifier(nn.Module):
                 self.blocks.append(ResBlock(c, c, emb_dim, cfg.dropout, "down"))
                 ds *= 2
         self.blocks.append(ResBlock(c, c, emb_dim, cfg.dropout))
-        self.norm = _norm(c)
+        self.norm = group_norm(c)
         self.pool = AttentionPool(c, max(1, c // cfg.head_channels))
         self.head = nn.Linear(c, num_classes)
 

@@ -46,6 +46,8 @@ def timesteps(T: int, steps: int) -> list[int]:
 
 
 class Sampler:
+    """The one sampling loop; subclasses define :meth:`step` (and, if they keep state, :meth:`reset`)."""
+
     name = "base"
 
     def __init__(self, schedule: NoiseSchedule, steps: int, x0_range: tuple[torch.Tensor, torch.Tensor] | None = None):
@@ -65,11 +67,39 @@ class Sampler:
         y0 = torch.maximum(torch.minimum(y0, hi), lo)
         return y0, (y_t - g**0.5 * y0) / (1 - g) ** 0.5
 
+    def guided_eps(self, eps: torch.Tensor, t: int, grad: torch.Tensor | None, guidance: float) -> torch.Tensor:
+        """The guidance hook of score-based steps: ε ← ε − s·√(1 − γ_t)·∇ log p(k | y_t)."""
+        if grad is None:
+            return eps
+        return eps - guidance * (1 - self._g(t)) ** 0.5 * grad
+
+    def reset(self) -> None:
+        """Forget per-trajectory state before a new sample (multistep solvers keep some)."""
+
+    def step(self, y: torch.Tensor, eps: torch.Tensor, t: int, t_prev: int, grad: torch.Tensor | None, guidance: float,
+             noise: Callable[[], torch.Tensor] | None) -> torch.Tensor:
+        """y_{t_prev} from y_t and the network's ε; ``noise()`` draws this step's fresh noise (only when needed,
+        so a deterministic step consumes no random numbers)."""
+        raise NotImplementedError
+
     def sample(self, eps_fn: EpsFn, noise: torch.Tensor, step_noise: Callable[[int], torch.Tensor] | None = None,
                grad_fn: GradFn | None = None, guidance: float = 0.0) -> torch.Tensor:
         """Denoise ``noise`` (the y_T draw) to y_0. ``step_noise(i)`` supplies the fresh noise of
         step i (so callers control determinism, e.g. one generator per field)."""
-        raise NotImplementedError
+        self.reset()
+        y = noise
+        seq = self.steps + [-1]
+        for i, (t, tp) in enumerate(zip(seq[:-1], seq[1:])):
+            tt = torch.full((y.shape[0],), t, device=y.device, dtype=torch.long)
+            eps = eps_fn(y, tt)
+            grad = grad_fn(y, tt) if (grad_fn is not None and guidance) else None
+            draw = (lambda i=i: step_noise(i)) if step_noise is not None else None
+            y = self.step(y, eps, t, tp, grad, guidance, draw)
+        return y
+
+
+def _add_noise(mean: torch.Tensor, var: float, noise: Callable[[], torch.Tensor] | None) -> torch.Tensor:
+    return mean + var**0.5 * noise() if (var > 0 and noise is not None) else mean
 
 
 class DDIMSampler(Sampler):
@@ -88,17 +118,9 @@ class DDIMSampler(Sampler):
         mean = gp**0.5 * y0 + max(1 - gp - var, 0.0) ** 0.5 * eps
         return mean, var, y0
 
-    def sample(self, eps_fn, noise, step_noise=None, grad_fn=None, guidance=0.0):
-        y = noise
-        seq = self.steps + [-1]
-        for i, (t, tp) in enumerate(zip(seq[:-1], seq[1:])):
-            tt = torch.full((y.shape[0],), t, device=y.device, dtype=torch.long)
-            eps = eps_fn(y, tt)
-            if grad_fn is not None and guidance:
-                eps = eps - guidance * (1 - self._g(t)) ** 0.5 * grad_fn(y, tt)
-            mean, var, _ = self.step_distribution(y, eps, t, tp)
-            y = mean + var**0.5 * step_noise(i) if (var > 0 and step_noise is not None) else mean
-        return y
+    def step(self, y, eps, t, t_prev, grad, guidance, noise):
+        mean, var, _ = self.step_distribution(y, self.guided_eps(eps, t, grad, guidance), t, t_prev)
+        return _add_noise(mean, var, noise)
 
 
 class DDPMSampler(Sampler):
@@ -114,16 +136,11 @@ class DDPMSampler(Sampler):
         var = beta * (1 - gp) / (1 - g)
         return coef0 * y0 + coeft * y_t, var, y0
 
-    def sample(self, eps_fn, noise, step_noise=None, grad_fn=None, guidance=0.0):
-        y = noise
-        seq = self.steps + [-1]
-        for i, (t, tp) in enumerate(zip(seq[:-1], seq[1:])):
-            tt = torch.full((y.shape[0],), t, device=y.device, dtype=torch.long)
-            mean, var, _ = self.step_distribution(y, eps_fn(y, tt), t, tp)
-            if grad_fn is not None and guidance:
-                mean = mean + guidance * var * grad_fn(y, tt)  # s·Σ·∇ log p(k | y_t)
-            y = mean + var**0.5 * step_noise(i) if (var > 0 and step_noise is not None) else mean
-        return y
+    def step(self, y, eps, t, t_prev, grad, guidance, noise):
+        mean, var, _ = self.step_distribution(y, eps, t, t_prev)
+        if grad is not None:
+            mean = mean + guidance * var * grad  # the published guidance: s·Σ·∇ log p(k | y_t) on the mean
+        return _add_noise(mean, var, noise)
 
 
 class DPMSolverPP(Sampler):
@@ -131,31 +148,25 @@ class DPMSolverPP(Sampler):
 
     name = "dpmpp"
 
-    def sample(self, eps_fn, noise, step_noise=None, grad_fn=None, guidance=0.0):
-        y = noise
-        seq = self.steps + [-1]
-        lam = lambda t: 0.5 * np.log(self._g(t) / (1 - self._g(t))) if t >= 0 else np.inf  # noqa: E731
-        prev_x0, prev_h = None, None
-        for i, (t, tp) in enumerate(zip(seq[:-1], seq[1:])):
-            tt = torch.full((y.shape[0],), t, device=y.device, dtype=torch.long)
-            g = self._g(t)
-            eps = eps_fn(y, tt)
-            if grad_fn is not None and guidance:
-                eps = eps - guidance * (1 - g) ** 0.5 * grad_fn(y, tt)
-            x0, _ = self.denoise(y, eps, g)
-            if tp < 0:  # last step: the clean prediction itself
-                y = x0
-                break
-            gp = self._g(tp)
-            h = lam(tp) - lam(t)
-            d = x0
-            if prev_x0 is not None:
-                r = prev_h / h
-                d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * prev_x0
-            sigma_p, sigma = (1 - gp) ** 0.5, (1 - g) ** 0.5
-            y = (sigma_p / sigma) * y - gp**0.5 * np.expm1(-h) * d
-            prev_x0, prev_h = x0, h
-        return y
+    def reset(self) -> None:
+        self.prev_x0, self.prev_h = None, None
+
+    def _lambda(self, t: int) -> float:
+        return 0.5 * np.log(self._g(t) / (1 - self._g(t))) if t >= 0 else np.inf
+
+    def step(self, y, eps, t, t_prev, grad, guidance, noise):
+        x0, _ = self.denoise(y, self.guided_eps(eps, t, grad, guidance), self._g(t))
+        if t_prev < 0:  # last step: the clean prediction itself
+            return x0
+        g, gp = self._g(t), self._g(t_prev)
+        h = self._lambda(t_prev) - self._lambda(t)
+        d = x0
+        if self.prev_x0 is not None:
+            r = self.prev_h / h
+            d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * self.prev_x0
+        sigma_p, sigma = (1 - gp) ** 0.5, (1 - g) ** 0.5
+        self.prev_x0, self.prev_h = x0, h
+        return (sigma_p / sigma) * y - gp**0.5 * np.expm1(-h) * d
 
 
 SAMPLERS = {"ddpm": DDPMSampler, "ddim": DDIMSampler, "dpmpp": DPMSolverPP}

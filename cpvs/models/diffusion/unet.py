@@ -56,7 +56,7 @@ def noise_level_embedding(gamma: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
-def _norm(c: int) -> nn.GroupNorm:
+def group_norm(c: int) -> nn.GroupNorm:
     return nn.GroupNorm(math.gcd(32, c), c)  # 32 groups for the usual widths; a divisor otherwise
 
 
@@ -65,7 +65,7 @@ class AdaGN(nn.Module):
 
     def __init__(self, channels: int, emb_dim: int):
         super().__init__()
-        self.norm = _norm(channels)
+        self.norm = group_norm(channels)
         self.proj = nn.Linear(emb_dim, 2 * channels)
 
     def forward(self, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
@@ -79,7 +79,7 @@ class ResBlock(nn.Module):
     def __init__(self, cin: int, cout: int, emb_dim: int, dropout: float, resample: str | None = None):
         super().__init__()
         self.resample = resample
-        self.in_norm = _norm(cin)
+        self.in_norm = group_norm(cin)
         self.in_conv = nn.Conv2d(cin, cout, 3, padding=1)
         self.ada = AdaGN(cout, emb_dim)
         self.out = nn.Sequential(nn.SiLU(), nn.Dropout(dropout), nn.Conv2d(cout, cout, 3, padding=1))
@@ -105,7 +105,7 @@ class Attention(nn.Module):
     def __init__(self, channels: int, head_channels: int):
         super().__init__()
         self.heads = max(1, channels // head_channels)
-        self.norm = _norm(channels)
+        self.norm = group_norm(channels)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = nn.Conv2d(channels, channels, 1)
         nn.init.zeros_(self.proj.weight)
@@ -160,7 +160,7 @@ class DiffusionUNet(nn.Module):
                     layers.append(ResBlock(c, c, emb_dim, cfg.dropout, "up"))
                     ds //= 2
                 self.up.append(layers)
-        self.out = nn.Sequential(_norm(c), nn.SiLU(), nn.Conv2d(c, cfg.out_channels, 3, padding=1))
+        self.out = nn.Sequential(group_norm(c), nn.SiLU(), nn.Conv2d(c, cfg.out_channels, 3, padding=1))
         nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)
 

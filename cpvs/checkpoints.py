@@ -7,6 +7,7 @@ Files hold only tensors and plain Python values, so loading uses
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from cpvs.errors import CpvsError
 from cpvs.runinfo import atomic_path
 
 FORMAT = "cpvs-checkpoint/1"
+HINT = "pass a run folder of `cpvs train` or one of its checkpoints/*.pt files"
 
 
 def save_checkpoint(path: str | Path, **content: Any) -> Path:
@@ -30,11 +32,13 @@ def save_checkpoint(path: str | Path, **content: Any) -> Path:
     return Path(path)
 
 
-def resolve_checkpoint(path: str | Path, prefer: str = "best") -> Path:
-    """A checkpoint file from a file path or a run folder (``RUN/checkpoints/best.pt``, else ``last.pt``)."""
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file from a file path or a run folder: ``RUN/checkpoints/best.pt`` (the best
+    validation epoch, written by the staining trainers), else ``last.pt`` (the only file of
+    diffusion, classifier and DINO runs, whose weights are an EMA)."""
     path = Path(path)
     if path.is_dir():
-        for name in (f"{prefer}.pt", "best.pt", "last.pt"):
+        for name in ("best.pt", "last.pt"):
             cand = path / "checkpoints" / name
             if cand.exists():
                 return cand
@@ -44,15 +48,25 @@ def resolve_checkpoint(path: str | Path, prefer: str = "best") -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path, prefer: str = "best", map_location: str | torch.device = "cpu") -> dict:
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """Load a checkpoint (file or run folder) without executing code from it."""
-    file = resolve_checkpoint(path, prefer)
+    file = resolve_checkpoint(path)
+    with open(file, "rb") as fh:
+        head = fh.read(4)
+    if not head:
+        raise CpvsError("not a cpvs checkpoint: the file is empty", file, HINT)
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch.save writes a zip or a pickle
+        raise CpvsError("not a cpvs checkpoint: not a file written by torch.save (it looks like text or another format)",
+                        file, HINT)
     try:
         data = torch.load(file, map_location=map_location, weights_only=True)
-    except Exception as e:  # torch raises several types for a damaged or foreign file
-        raise CpvsError(f"cannot read checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})", file,
-                        "pass a checkpoint written by cpvs train") from None
+    except pickle.UnpicklingError:
+        # weights_only refused an object: unpickling it could run code. cpvs never retries unsafely.
+        raise CpvsError("not a cpvs checkpoint: the file holds Python objects other than tensors and plain values, "
+                        "which cpvs never loads (loading them could run code)", file, HINT) from None
+    except Exception:  # torch raises many types for damaged files; its own hints are not for users
+        raise CpvsError("not a cpvs checkpoint: a damaged or truncated torch file", file, HINT) from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise CpvsError("not a cpvs checkpoint", file, "pass a checkpoint written by cpvs train")
+        raise CpvsError("not a cpvs checkpoint: a torch file without the cpvs checkpoint format record", file, HINT)
     data["path"] = str(file)
     return data

@@ -1,0 +1,108 @@
+"""What every predicted plate shares, whatever the model: the output folder's plan (names,
+finished and remaining fields of this shard), the plate files beside the TIFFs, writing a
+field's normalized prediction as intensities, and the run record.
+
+Every file is written under a temporary name and renamed; a field is finished when all its
+channel files exist, so a rerun skips it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from cpvs.plate.channels import ChannelMap
+from cpvs.plate.discover import CHANNEL_MAP_NAME
+from cpvs.plate.layout import Field, Plate
+from cpvs.plate.loaddata import write_load_data
+from cpvs.plate.naming import phenix_name
+from cpvs.plate.shards import Shard
+from cpvs.plate.tiff import write_image
+from cpvs.preprocess.normalize import resize_image
+from cpvs.runinfo import atomic_path, plain, write_run_record
+
+NameOf = Callable[[Field, str], str]
+
+
+def output_names(plate: Plate, channels: list[str]) -> tuple[NameOf, ChannelMap | None]:
+    """File naming of the predicted plate: the input's Phenix numbering where the input
+    map names a channel (new numbers after it otherwise), else ``PLATE_WELL_sSITE_CH.tiff``."""
+    if plate.layout == "phenix" and plate.channel_map is not None:
+        numbers = {name: ch for (ch, _), name in plate.channel_map.entries}
+        nxt = max([ch for (ch, _), _ in plate.channel_map.entries] + [0]) + 1
+        for c in channels:
+            if c not in numbers:
+                numbers[c], nxt = nxt, nxt + 1
+        cmap = ChannelMap(tuple(((numbers[c], None), c) for c in channels), "predicted plate")
+        return (lambda f, c: phenix_name(f.well, f.site, numbers[c])), cmap
+    return (lambda f, c: f"{f.plate}_{f.well}_s{f.site}_{c}.tiff"), None
+
+
+@dataclass
+class OutputPlan:
+    out: Path
+    name_of: NameOf
+    fields: list[Field]  # this shard's
+    done: list[Field]
+    todo: list[Field]
+
+
+def plan_outputs(plate: Plate, out: Path, channels: list[str], shard: tuple[int, int]) -> OutputPlan:
+    """Prepare a predicted plate's folder for ``channels`` (every file a field gets). Writes
+    load_data.csv, channel_map.csv and the platemap, the same for every shard."""
+    out.mkdir(parents=True, exist_ok=True)
+    name_of, out_map = output_names(plate, channels)
+    mine = Shard(*shard).select(plate.fields)
+    done = [f for f in mine if all((out / name_of(f, c)).exists() for c in channels)]
+    todo = [f for f in mine if f not in done]
+    _write_plate_files(plate, out, channels, name_of, out_map)
+    return OutputPlan(out, name_of, mine, done, todo)
+
+
+def _write_plate_files(plate: Plate, out: Path, outputs: list[str], name_of: NameOf, out_map: ChannelMap | None) -> None:
+    """``load_data.csv`` for every field of the plate (the same for every shard),
+    ``channel_map.csv`` and the platemap, so cpvs or CellProfiler read the prediction directly."""
+    pred = Plate(plate.name, out, "predicted", list(outputs),
+                 [Field(f.plate, f.well, f.site, {c: out / name_of(f, c) for c in outputs}) for f in plate.fields],
+                 metadata=plate.metadata)
+    write_load_data(pred, out / "load_data.csv")
+    if out_map is not None:
+        with atomic_path(out / CHANNEL_MAP_NAME) as tmp:
+            tmp.write_text("channel,name\n" + "".join(f"{k},{v}\n" for k, v in out_map.to_dict().items()))
+    if plate.platemap_path is not None:
+        with atomic_path(out / f"platemap{Path(plate.platemap_path).suffix}") as tmp:
+            tmp.write_text(Path(plate.platemap_path).read_text())
+
+
+class FieldWriter:
+    """Normalized predictions at the model's resolution -> intensity TIFFs at the field's native size,
+    undoing the checkpoint's resize and z-score (the store's per-channel statistics)."""
+
+    def __init__(self, plan: OutputPlan, outputs: list[str], norm: dict, dtype: str):
+        stats = norm["channel_stats"]
+        self.plan, self.outputs, self.dtype, self.resize_method = plan, outputs, dtype, norm["resize_method"]
+        self.mean = np.array([stats[c]["mean"] for c in outputs], dtype=np.float32)[:, None, None]
+        self.std = np.array([stats[c]["std"] for c in outputs], dtype=np.float32)[:, None, None]
+
+    def write(self, f: Field, native: tuple[int, int], pred: np.ndarray, spread: np.ndarray | None = None) -> None:
+        """``pred`` (C, h, w): the prediction; ``spread`` (C, h, w): its per-pixel std over samples,
+        written as ``<channel>_std`` in intensity units."""
+        for arr, is_std in ((pred, False), (spread, True)):
+            if arr is None:
+                continue
+            if tuple(arr.shape[1:]) != tuple(native):
+                arr = np.stack([resize_image(a, native, self.resize_method) for a in arr])
+            img = arr * self.std if is_std else arr * self.std + self.mean
+            for c, ch in enumerate(self.outputs):
+                name = f"{ch}_std" if is_std else ch
+                a = np.clip(np.rint(img[c]), 0, 65535).astype(np.uint16) if self.dtype == "uint16" else img[c].astype(np.float32)
+                write_image(self.plan.out / self.plan.name_of(f, name), a)
+
+
+def write_record(cfg, plan: OutputPlan, checkpoint: str, **extra) -> Path:
+    """The run record of one shard (shards running side by side each keep their own)."""
+    return write_run_record(plan.out, "predict-plate", plain(cfg), inputs={"plate": str(cfg.plate), "checkpoint": checkpoint},
+                            name=Shard(*cfg.shard).record_name(), n_fields=len(plan.fields), **extra)
