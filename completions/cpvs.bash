@@ -158,7 +158,7 @@ _cpvs() {
                 --field-strategy) COMPREPLY=($(compgen -W "resize tiles" -- "$cur")); return ;;
             esac
             if [[ "$cur" == -* ]]; then
-                COMPREPLY=($(compgen -W "--out -o --checkpoint --model --channel-map --platemap --plate-name --batch-size --precision --dtype --shard --workers --illum-fields --on-error --tile --stride --stitch --sampler --steps --eta --guidance --classifier --label-col --samples --seed --field-strategy --clip-denoised --no-clip-denoised" -- "$cur"))
+                COMPREPLY=($(compgen -W "--out -o --checkpoint --model --channel-map --platemap --plate-name --batch-size --precision --dtype --shard --workers --illum-fields --on-error --overwrite --tile --stride --stitch --sampler --steps --eta --guidance --classifier --label-col --samples --seed --field-strategy --clip-denoised --no-clip-denoised" -- "$cur"))
             else
                 COMPREPLY=($(compgen -f -- "$cur"))
             fi ;;
@@ -177,7 +177,7 @@ _cpvs() {
                 --illum-fields) return ;;
             esac
             if [[ "$cur" == -* ]]; then
-                COMPREPLY=($(compgen -W "--checkpoint --out -o --channels --channel-map --platemap --aggregate --tvn-control-query --attention-maps --n --n-attention --precision --illum-fields" -- "$cur"))
+                COMPREPLY=($(compgen -W "--checkpoint --out -o --channels --channel-map --platemap --aggregate --tvn-control-query --attention-maps --n --n-attention --precision --illum-fields --overwrite" -- "$cur"))
             else
                 COMPREPLY=($(compgen -f -- "$cur"))
             fi ;;
@@ -219,7 +219,7 @@ _cpvs() {
                 --outlier-cutoff) return ;;
             esac
             if [[ "$cur" == -* ]]; then
-                COMPREPLY=($(compgen -W "--out -o --channel-map --channels --platemap --plate-name --nuclei-channel --cell-channel --threshold --threshold-correction --cell-threshold-correction --smoothing --min-nucleus-diameter --max-nucleus-diameter --declump-distance --max-cell-distance --keep-border --masks-from --skip --illum-size --illum-fields --workers --shard --single-cells --aggregate --overlays --on-error --join --normalize --control-query --by-plate --feature-select --select-ops --features-from --na-cutoff --corr-threshold --freq-cut --unique-cut --outlier-cutoff" -- "$cur"))
+                COMPREPLY=($(compgen -W "--out -o --channel-map --channels --platemap --plate-name --nuclei-channel --cell-channel --threshold --threshold-correction --cell-threshold-correction --smoothing --min-nucleus-diameter --max-nucleus-diameter --declump-distance --max-cell-distance --keep-border --masks-from --skip --illum-size --illum-fields --workers --shard --single-cells --aggregate --overlays --on-error --overwrite --join --normalize --control-query --by-plate --feature-select --select-ops --features-from --na-cutoff --corr-threshold --freq-cut --unique-cut --outlier-cutoff" -- "$cur"))
             else
                 COMPREPLY=($(compgen -f -- "$cur"))
             fi ;;
@@ -253,7 +253,7 @@ _cpvs() {
                 --workers) return ;;
             esac
             if [[ "$cur" == -* ]]; then
-                COMPREPLY=($(compgen -W "--nsc --nscb --target --cpcor --toxicity --active --map --images --fid --truth --truth-plate --pred --out -o --report --json --moa-col --compound-col --batch-col --perturbation-cols --target-col --control-col --derive --negative-query --positive-query --aggregate --match-cols --method --k --top-k --rounds --null-size --seed --fid-network --channels --truth-channel-map --truth-illum-size --workers" -- "$cur"))
+                COMPREPLY=($(compgen -W "--nsc --nscb --target --cpcor --toxicity --active --map --images --fid --truth --truth-plate --pred --out -o --report --json --overwrite --moa-col --compound-col --batch-col --perturbation-cols --target-col --control-col --derive --negative-query --positive-query --aggregate --match-cols --method --k --top-k --rounds --null-size --seed --fid-network --channels --truth-channel-map --truth-illum-size --workers" -- "$cur"))
             else
                 COMPREPLY=($(compgen -f -- "$cur"))
             fi ;;

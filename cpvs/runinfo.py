@@ -82,6 +82,12 @@ def fingerprint(paths: list[Path], sample: int = 64) -> str:
     return h.hexdigest()[:16]
 
 
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of a file's bytes (a checkpoint's identity: two runs of one file agree, any retraining differs)."""
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()[:16]
+
+
 def run_record(command: str, params: dict[str, Any], inputs: dict[str, Any] | None = None) -> dict[str, Any]:
     return {
         "cpvs_version": __version__,

@@ -89,7 +89,9 @@ def main_options(
     device: Annotated[str, typer.Option("--device", metavar="auto|cpu|cuda[:N]", help="Where models run: auto (a GPU when there is one), cpu, cuda or cuda:N.")] = "auto",
 ) -> None:
     from cpvs.device import check_device
+    from cpvs.jobs import install_signal_handlers
 
+    install_signal_handlers()
     try:
         check_device(device)
     except CpvsError as e:
@@ -119,6 +121,19 @@ _register()
 def main() -> None:
     """Console-script entry point."""
     app(prog_name="cpvs")
+
+
+def run(argv: list[str], exit: bool = False) -> int:
+    """Run ``cpvs ARGV…`` in this process (for embedding and process-level tests); the exit code
+    (with ``exit``, the process exits with it, e.g. as a multiprocessing target)."""
+    try:
+        app(list(argv), prog_name="cpvs")
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    if exit:
+        sys.exit(code)
+    return code
 
 
 if __name__ == "__main__":  # pragma: no cover

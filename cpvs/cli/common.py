@@ -19,6 +19,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from cpvs.errors import CpvsError
+from cpvs.jobs import Interrupted
 
 
 def _console(stderr: bool) -> Console:
@@ -63,9 +64,11 @@ def cli_errors(fn: Callable) -> Callable:
                             "  fix: free space and rerun the same command; finished work is kept and resumed.")
                 raise typer.Exit(2) from None
             raise
-        except KeyboardInterrupt:
-            err_console.print("[yellow]interrupted:[/] rerun the same command to resume; finished work is kept.")
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as e:
+            code = e.exit_code if isinstance(e, Interrupted) else 130
+            what = "terminated" if code == 143 else "interrupted"
+            err_console.print(f"[yellow]{what}:[/] rerun the same command to resume; finished work is kept.")
+            raise typer.Exit(code) from None
 
     return wrapper
 

@@ -25,6 +25,7 @@ def embed(
     n: Annotated[int, typer.Option("--n", "--n-attention", help="Fields (evenly spaced) drawn as attention maps.")] = 16,
     precision: Annotated[Precision, typer.Option(help="Autocast precision on GPU (the CPU always computes in fp32).")] = Precision("bf16"),
     illum_fields: Annotated[int, typer.Option(help="Plates: fields averaged for the illumination correction.")] = 256,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace tables made with another checkpoint, source or options.")] = False,
 ) -> None:
     """Embed fields with per-channel DINO / WS-DINO ViTs into Parquet tables.
 
@@ -38,7 +39,7 @@ def embed(
     st = state(ctx)
     cfg = EmbedConfig(source, checkpoint, out, channels=parse_channels(channels), channel_map=channel_map, platemap=platemap,
                       aggregate=aggregate.value, tvn_control_query=tvn_control_query, attention_maps=attention_maps, n_attention=n,
-                      precision=precision.value, illum_fields=illum_fields, device=st.device)
+                      precision=precision.value, illum_fields=illum_fields, device=st.device, overwrite=overwrite)
     with progress_bar(st.quiet) as cb:
         res = run(cfg, progress=cb)
     if not st.quiet:

@@ -35,6 +35,7 @@ def evaluate(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", metavar="DIR", help="Folder for results.json and Parquet tables of every evaluation.")] = None,
     report: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Folder for a self-contained HTML report (report.html).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the results as JSON on stdout instead of tables.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace results in -o made by another evaluation (other tables or options).")] = False,
     moa_col: Annotated[str, typer.Option(metavar="COLUMN", help="MOA column (matched case-insensitively).")] = "Metadata_MOA",
     compound_col: Annotated[str, typer.Option(metavar="COLUMN", help="Compound column: same-compound neighbours are excluded.")] = "Metadata_Compound",
     batch_col: Annotated[str, typer.Option(metavar="COLUMN", help="Batch column for NSCB (see --derive to make one).")] = "Metadata_Batch",
@@ -88,7 +89,8 @@ def evaluate(
     req = EvaluateRequest(cfg, images=images, fid=fid, pred=pred,
                           truth_plate=truth_plate or (truth if truth is not None and truth_table is None else None),
                           channels=parse_channels(channels), truth_channel_map=truth_channel_map, truth_illum_size=truth_illum_size,
-                          fid_network=fid_network, workers=workers, device=st.device, out=out, report=report)
+                          fid_network=fid_network, workers=workers, device=st.device, out=out, report=report,
+                          overwrite=overwrite)
     with progress_bar(st.quiet or json_out) as cb:
         ev = run(req, progress=cb)
     if json_out:

@@ -39,6 +39,7 @@ def predict_plate(
     workers: Annotated[int, typer.Option(help="Reader and writer threads each.")] = 2,
     illum_fields: Annotated[int, typer.Option(help="Fields (evenly spaced over the plate) averaged for the input illumination correction.")] = 256,
     on_error: Annotated[OnError, typer.Option(help="raise: stop at the first bad field; skip: leave it out and report it.")] = OnError("raise"),
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a predicted plate made with another checkpoint, plate or options (a rerun with the same ones resumes).")] = False,
     tile: Annotated[Optional[int], typer.Option(help=f"Tile side in pixels of the model's input resolution (default: {T.tile}).", rich_help_panel=P_TILES)] = None,
     stride: Annotated[Optional[int], typer.Option(help=f"Tile step in pixels (half a tile: interior pixels are covered by 4 tiles) (default: {T.stride}).", rich_help_panel=P_TILES)] = None,
     stitch: Annotated[Optional[Average], typer.Option(help=f"How overlapping tiles are combined per pixel (default: {T.stitch}).", rich_help_panel=P_TILES)] = None,
@@ -73,7 +74,7 @@ def predict_plate(
     cfg = PredictConfig(
         plate=plate, out=out, checkpoint=checkpoint, model=value(model), channel_map=channel_map, platemap=platemap,
         plate_name=plate_name, device=st.device, precision=precision.value, dtype=dtype.value, shard=Shard.parse(shard),
-        workers=workers, illum_fields=illum_fields, on_error=on_error.value, batch_size=batch_size, tile=tile, stride=stride,
+        workers=workers, illum_fields=illum_fields, on_error=on_error.value, overwrite=overwrite, batch_size=batch_size, tile=tile, stride=stride,
         stitch=value(stitch), sampler=value(sampler), steps=steps, eta=eta, clip_denoised=clip_denoised, guidance=guidance,
         classifier=classifier, label_col=label_col, samples=samples, seed=seed, field_strategy=value(field_strategy),
     )

@@ -40,6 +40,7 @@ def profile(
     aggregate: Annotated[Average, typer.Option(help="Images -> wells -> perturbations (single cells -> image is always the median).")] = Average("median"),
     overlays: Annotated[int, typer.Option(help="Save mask overlay PNGs for the first N fields.")] = 0,
     on_error: Annotated[OnError, typer.Option(help="raise: stop at the first bad field; skip: leave it out and report it.")] = OnError("raise"),
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Measure every field again, replacing results made with other parameters (a rerun with the same ones resumes).")] = False,
     join: Annotated[Optional[list[Path]], typer.Option(metavar="TABLE", help="Table mode: metadata table(s) joined on their shared Metadata_ columns (e.g. plate, well -> compound, MOA).")] = None,
     normalize: Annotated[Optional[NormMethod], typer.Option(help="Normalize features (pycytominer methods).")] = None,
     control_query: Annotated[Optional[str], typer.Option(metavar="QUERY", help="Rows the normalization is fitted on, e.g. \"Metadata_ControlType == 'negcon'\" (default: all rows).")] = None,
@@ -89,7 +90,8 @@ def profile(
         cfg = ProfileConfig(plate=plate, out=out, channel_map=channel_map, channels=parse_channels(channels), platemap=platemap,
                             plate_name=plate_name, segment=seg, masks_from=masks_from, skip=tuple(csv_list(skip)),
                             illum_size=illum_size, illum_fields=illum_fields, workers=workers, shard=Shard.parse(shard),
-                            single_cells=single_cells, aggregate=aggregate.value, overlays=overlays, on_error=on_error.value)
+                            single_cells=single_cells, aggregate=aggregate.value, overlays=overlays, on_error=on_error.value,
+                            overwrite=overwrite)
         with progress_bar(st.quiet) as cb:
             res = profile_plate(cfg, progress=cb)
         results.append(res)

@@ -3,7 +3,7 @@ perturbation tables (optionally after TVN) and attention-map PNGs."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -11,7 +11,9 @@ import numpy as np
 
 from cpvs.device import resolve_device
 from cpvs.errors import CpvsError
+from cpvs.jobs import OutputLock, claim_identity
 from cpvs.models import load_model
+from cpvs.runinfo import file_digest
 
 Progress = Callable[..., None]
 
@@ -31,6 +33,7 @@ class EmbedConfig:
     precision: str = "bf16"
     illum_fields: int = 256
     device: str = "auto"
+    overwrite: bool = False  # replace tables made with another checkpoint, source or options
 
 
 @dataclass
@@ -49,11 +52,23 @@ def is_store(path: Path) -> bool:
 
 
 def embed(cfg: EmbedConfig, progress: Progress | None = None) -> EmbedResult:
+    """Embed under a lock on the output tables; tables made with other parameters are refused unless ``overwrite``."""
+    device = resolve_device(cfg.device)
+    loaded = load_model(cfg.checkpoint, device, roles=("embedding",))
+    name = Path(cfg.out).name.split(".")[0]
+    folder = Path(cfg.out).parent
+    with OutputLock(folder, "embed", name=name):
+        ident = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()
+                 if k not in ("device", "overwrite", "attention_maps", "n_attention", "out")}
+        ident["checkpoint"] = file_digest(loaded.path)
+        claim_identity(folder, "embed", ident, cfg.overwrite, name=name)
+        return _embed(cfg, loaded, device, progress)
+
+
+def _embed(cfg: EmbedConfig, loaded, device, progress) -> EmbedResult:
     from cpvs.embed.attention import attention_maps, save_attention_png
     from cpvs.embed.embedding import embed_plate, embed_store, save_tables, tvn
 
-    device = resolve_device(cfg.device)
-    loaded = load_model(cfg.checkpoint, device, roles=("embedding",))
     models, have = loaded.net, loaded.checkpoint["hparams"]["channels"]
     chans = cfg.channels or have
     missing = [c for c in chans if c not in have]

@@ -29,6 +29,7 @@ class EvaluateRequest:
     device: str = "auto"
     out: Path | None = None
     report: Path | None = None
+    overwrite: bool = False  # replace results made by another request
 
 
 @dataclass
@@ -39,7 +40,42 @@ class Evaluation:
     written: list[Path] = field(default_factory=list)
 
 
+def identity(req: EvaluateRequest) -> dict:
+    """What determines the results: the request and the bytes of its tables and plates' file lists."""
+    from dataclasses import asdict
+
+    from cpvs.runinfo import file_digest, fingerprint
+
+    d = {k: v for k, v in asdict(req).items() if k not in ("workers", "device", "out", "report", "overwrite", "profile")}
+    if req.profile is not None:
+        d["profile"] = asdict(req.profile)
+        d["profiles_digest"] = file_digest(req.profile.profiles)
+        if req.profile.truth is not None:
+            d["truth_digest"] = file_digest(req.profile.truth)
+    for key in ("pred", "truth_plate"):
+        folder = getattr(req, key)
+        if folder is not None and Path(folder).is_dir():
+            d[f"{key}_files"] = fingerprint([p for p in Path(folder).rglob("*.tif*")])
+    return d
+
+
 def evaluate(req: EvaluateRequest, progress: Progress | None = None) -> Evaluation:
+    """Run the request; results in ``req.out`` are written under a lock, and a folder holding the
+    results of another request is refused unless ``overwrite``."""
+    from contextlib import ExitStack
+
+    from cpvs.jobs import OutputLock, claim_identity, clear_outputs
+
+    with ExitStack() as stack:
+        if req.out is not None:
+            stack.enter_context(OutputLock(req.out, "evaluate"))
+            if req.overwrite:
+                clear_outputs(req.out)
+            claim_identity(req.out, "evaluate", identity(req), req.overwrite)
+        return _evaluate(req, progress)
+
+
+def _evaluate(req: EvaluateRequest, progress: Progress | None) -> Evaluation:
     ev = Evaluation({})
     if req.profile is not None:
         from cpvs.evaluate.suite import evaluate_profiles, results_json

@@ -55,6 +55,7 @@ class PredictConfig:
     workers: int = 2
     illum_fields: int = 256
     on_error: str = "raise"
+    overwrite: bool = False  # replace outputs made with other parameters
     batch_size: int | None = None  # default: BATCH_SIZE of the strategy
     # None = the default of TileOptions / DiffusionOptions; set = given by the user (checked against the strategy)
     tile: int | None = None

@@ -19,6 +19,7 @@ from typing import Callable
 
 from cpvs.device import check_precision, resolve_device
 from cpvs.errors import CpvsError
+from cpvs.jobs import OutputLock, claim_identity, clear_outputs
 from cpvs.models import LoadedModel, load_model
 from cpvs.plate.discover import discover_plate
 from cpvs.plate.layout import Plate
@@ -26,6 +27,7 @@ from cpvs.predict import diffusion, staining
 from cpvs.predict.config import BATCH_SIZE, DiffusionOptions, PredictConfig, TileOptions
 from cpvs.predict.plan import FieldWriter, OutputPlan, plan_outputs, write_record
 from cpvs.preprocess.apply import FieldNormalizer
+from cpvs.runinfo import file_digest, fingerprint
 
 Progress = Callable[..., None]
 __all__ = ["PredictConfig", "PredictResult", "predict_plate", "TileOptions", "DiffusionOptions", "BATCH_SIZE"]
@@ -100,14 +102,30 @@ def predict_plate(cfg: PredictConfig, progress: Progress | None = None) -> Predi
     plate = discover_plate(cfg.plate, channel_map=cfg.channel_map, channels=ck["inputs"], plate_name=cfg.plate_name,
                            platemap=cfg.platemap, on_error=cfg.on_error)
     out = Path(cfg.out)
-    plan = plan_outputs(plate, out, strategy.written_channels(cfg, ck["outputs"]), cfg.shard)
-    cache = out / ".cpvs-cache"
-    cache.mkdir(exist_ok=True)
-    normalizer = FieldNormalizer.for_plate(plate, ck["inputs"], ck["normalization"], cfg.illum_fields, cache, cfg.workers,
-                                           cfg.on_error)
-    job = PlateJob(cfg, model, device, plate, plan, normalizer, FieldWriter(plan, ck["outputs"], ck["normalization"], cfg.dtype),
-                   cfg.batch_size or BATCH_SIZE[model.role])
-    written, skipped, extra = strategy.run(job, progress)
-    write_record(cfg, plan, model.path, skipped=skipped, family=model.family, **extra)
+    with OutputLock(out, "predict-plate", cfg.shard):
+        if cfg.overwrite:
+            clear_outputs(out)
+        claim_identity(out, "predict-plate", identity(cfg, model, plate), cfg.overwrite)
+        plan = plan_outputs(plate, out, strategy.written_channels(cfg, ck["outputs"]), cfg.shard)
+        cache = out / ".cpvs-cache"
+        cache.mkdir(exist_ok=True)
+        normalizer = FieldNormalizer.for_plate(plate, ck["inputs"], ck["normalization"], cfg.illum_fields, cache, cfg.workers,
+                                               cfg.on_error)
+        writer = FieldWriter(plan, ck["outputs"], ck["normalization"], cfg.dtype)
+        job = PlateJob(cfg, model, device, plate, plan, normalizer, writer, cfg.batch_size or BATCH_SIZE[model.role])
+        written, skipped, extra = strategy.run(job, progress)
+        write_record(cfg, plan, model.path, skipped=skipped, family=model.family, **extra)
     return PredictResult(out, strategy.written_channels(cfg, ck["outputs"]), len(plan.fields), written, len(plan.done),
                          time.perf_counter() - t0, str(device), model.family, skipped)
+
+
+def identity(cfg: PredictConfig, model: LoadedModel, plate: Plate) -> dict:
+    """What determines the predicted files: the checkpoint's bytes, the input plate, and every option
+    that changes pixels (not devices, workers, batching or sharding, which never do)."""
+    opts = cfg.resolved(TileOptions).__dict__ if model.role == "staining" else {
+        **cfg.resolved(DiffusionOptions).__dict__, **cfg.resolved(TileOptions).__dict__}
+    return {"checkpoint": file_digest(model.path), "family": model.family, "plate": plate.name,
+            "input_files": fingerprint([p for f in plate.fields for p in f.files.values()]),
+            "channel_map": cfg.channel_map, "platemap": str(cfg.platemap) if cfg.platemap else None,
+            "illum_fields": cfg.illum_fields, "precision": cfg.precision, "dtype": cfg.dtype,
+            **{k: str(v) if isinstance(v, Path) else v for k, v in opts.items()}}

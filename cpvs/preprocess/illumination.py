@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ from scipy import ndimage
 from skimage.transform import resize
 
 from cpvs.errors import CpvsError
+from cpvs.jobs import thread_pool
 from cpvs.plate.stack import read_field_stack
 from cpvs.runinfo import atomic_path
 
@@ -85,7 +85,7 @@ def plate_illumination(plate, channels: list[str], size: int, max_fields: int, c
             return None
 
     total, n = None, 0
-    with ThreadPoolExecutor(max(1, workers)) as ex:
+    with thread_pool(workers) as ex:
         for stack in ex.map(read, picks):  # in order: a deterministic sum
             if stack is None:
                 continue

@@ -7,9 +7,7 @@ and ends with the same arrays as an uninterrupted run.
 
 from __future__ import annotations
 
-import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -20,6 +18,7 @@ import zarr
 
 from cpvs import __version__
 from cpvs.errors import CpvsError
+from cpvs.jobs import OutputLock, clear_outputs, is_empty_output, thread_pool
 from cpvs.plate.layout import Field, Plate
 from cpvs.plate.stack import read_field_stack
 from cpvs.preprocess.illumination import illumination_function
@@ -69,7 +68,7 @@ def _check_target(out: Path, params: dict, overwrite: bool) -> None:
     if not out.exists():
         return
     if overwrite:
-        shutil.rmtree(out)
+        clear_outputs(out)
         return
     if (out / "zarr.json").exists():
         old = dict(zarr.open_group(str(out), mode="r").attrs).get("params")
@@ -81,7 +80,7 @@ def _check_target(out: Path, params: dict, overwrite: bool) -> None:
                 "write to a new -o folder, or pass --overwrite to replace it",
             )
         return
-    if any(out.iterdir()):
+    if not is_empty_output(out):
         raise CpvsError("output folder exists and is not a cpvs store", out, "choose an empty or new -o folder")
 
 
@@ -107,7 +106,7 @@ def _illumination_pass(g, p: Plate, channels, illum_size, workers, on_error, pro
     total = np.zeros((len(channels), *shape0), dtype=np.float64)
     n_ok = 0
     todo = [f for f in p.fields if f.key not in {b["field"] for b in bad}]
-    with ThreadPoolExecutor(max(1, workers)) as ex:
+    with thread_pool(workers) as ex:
         # map() keeps field order, so the float sum is the same on every run.
         results = ex.map(lambda f: _try(read_field_stack, f, channels, shape0), todo)
         for i, (f, (stack, err)) in enumerate(zip(todo, results)):
@@ -161,7 +160,14 @@ def preprocess_plates(
     if dtype not in ("float16", "float32"):
         raise CpvsError(f"--dtype must be float16 or float32, got {dtype!r}")
     params = _params(plates, illum_size, size, resize_method, clip_z, dtype, chunk)
-    _check_target(out, params, overwrite)
+    with OutputLock(out, "preprocess"):
+        _check_target(out, params, overwrite)
+        return _preprocess(plates, out, params, channels, illum_size, size, resize_method, clip_z, dtype, chunk, workers,
+                           on_error, progress, t0)
+
+
+def _preprocess(plates, out, params, channels, illum_size, size, resize_method, clip_z, dtype, chunk, workers, on_error,
+                progress, t0) -> PreprocessResult:
     out.mkdir(parents=True, exist_ok=True)
     g = zarr.open_group(str(out), mode="a")
     g.attrs.update({"params": params, "cpvs_version": __version__})
@@ -221,7 +227,7 @@ def preprocess_plates(
 
     todo = [i for i in range(len(entries)) if not done_mask[i]]
     n_written = 0
-    with ThreadPoolExecutor(max(1, workers)) as ex:
+    with thread_pool(workers) as ex:
         for k, (i, err) in enumerate(ex.map(process, todo)):
             if err is not None:
                 if on_error != "skip":

@@ -15,8 +15,9 @@ measured inside the ground-truth cells.
 
 from __future__ import annotations
 
+import json
 import time
-from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -25,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from cpvs.errors import CpvsError
+from cpvs.jobs import OutputLock, claim_identity, clear_outputs, process_pool
 from cpvs.plate.channels import is_brightfield
 from cpvs.plate.discover import discover_plate
 from cpvs.plate.layout import Field, Plate
@@ -33,11 +35,12 @@ from cpvs.plate.tiff import read_image, write_image
 from cpvs.preprocess.illumination import plate_illumination
 from cpvs.profile.features import check_skip, measure_field
 from cpvs.profile.segment import Masks, SegmentParams, pair_objects, segment_field
-from cpvs.runinfo import atomic_path, plain, write_run_record
+from cpvs.runinfo import atomic_path, fingerprint, plain, write_json_atomic, write_run_record
 from cpvs.tables import to_perturbations, to_wells
 
 Progress = Callable[..., None]
 CELLS_DIR = ".cpvs-cells"
+IDENTITY_KEY = "cpvs_identity"
 MASK_KINDS = ("nuclei", "cells")
 
 
@@ -60,6 +63,14 @@ class ProfileConfig:
     aggregate: str = "median"
     overlays: int = 0
     on_error: str = "raise"
+    overwrite: bool = False  # replace this plate's outputs made with other parameters
+
+    def identity(self, plate: Plate) -> dict:
+        """What determines the per-field results (not workers, shards, error policy or the final aggregation)."""
+        d = {k: v for k, v in plain(self).items() if k not in ("out", "workers", "shard", "on_error", "overwrite", "aggregate",
+                                                                "single_cells", "overlays", "plate")}
+        d["plate"], d["input_files"] = plate.name, fingerprint([p for f in plate.fields for p in f.files.values()])
+        return d
 
 
 @dataclass
@@ -129,7 +140,7 @@ def _overlay_png(path: Path, images: dict[str, np.ndarray], masks: Masks, seg: S
 
 def _field_job(job: tuple) -> tuple[str, int, str | None]:
     """Runs in a worker process: one field to its single-cell table, masks and overlay."""
-    f, read_channels, measure_channels, illum, cfg, cell_path, overlay = job
+    f, read_channels, measure_channels, illum, cfg, cell_path, overlay, digest = job
     try:
         images = {}
         for i, c in enumerate(read_channels):
@@ -154,8 +165,10 @@ def _field_job(job: tuple) -> tuple[str, int, str | None]:
         table = table.rename(columns={"ObjectNumber": "Metadata_ObjectNumber"})
         if overlay:
             _overlay_png(Path(cfg.out) / "overlays" / f"{f.plate}_{f.well}_s{f.site}.png", images, masks, cfg.segment)
+        table.attrs[IDENTITY_KEY] = digest  # the parameters this field was measured with
         with atomic_path(cell_path) as tmp:
             table.to_parquet(tmp, index=False)
+        cell_path.with_name(cell_path.stem + ".skipped.json").unlink(missing_ok=True)  # skipped by an earlier run
         return f.key, masks.n, None
     except CpvsError as e:
         return f.key, 0, e.render()
@@ -187,9 +200,18 @@ def profile_plate(cfg: ProfileConfig, progress: Progress | None = None) -> Profi
                            on_error=cfg.on_error)
     read, measure = _read_channels(plate, cfg)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    with OutputLock(out, "profile", cfg.shard, name=plate.name):
+        if cfg.overwrite:
+            clear_outputs(out / CELLS_DIR, [plate.name])
+            clear_outputs(out / "masks", [plate.name])
+        digest = claim_identity(out, "profile", cfg.identity(plate), cfg.overwrite, name=plate.name)
+        return _profile_plate(cfg, plate, read, measure, out, digest, progress, t0)
+
+
+def _profile_plate(cfg: ProfileConfig, plate: Plate, read, measure, out: Path, digest: str, progress, t0) -> ProfileResult:
     cells_dir = out / CELLS_DIR / plate.name
     cell_path = lambda f: cells_dir / f"{f.well}_s{f.site}.parquet"  # noqa: E731
+    skip_path = lambda f: cells_dir / f"{f.well}_s{f.site}.skipped.json"  # noqa: E731
     mine = Shard(*cfg.shard).select(plate.fields)
     done = [f for f in mine if cell_path(f).exists()]
     todo = [f for f in mine if not cell_path(f).exists()]
@@ -197,16 +219,11 @@ def profile_plate(cfg: ProfileConfig, progress: Progress | None = None) -> Profi
                                  cfg.on_error)
              if cfg.illum_size > 1 else None)
     overlay_keys = {f.key for f in plate.fields[: cfg.overlays]}
-    jobs = [(f, read, measure, illum, cfg, cell_path(f), f.key in overlay_keys) for f in todo]
+    jobs = [(f, read, measure, illum, cfg, cell_path(f), f.key in overlay_keys, digest) for f in todo]
     skipped: list[dict] = list(plate.skipped)
     n_written = 0
-    if cfg.workers > 1 and len(jobs) > 1:
-        ex = ProcessPoolExecutor(cfg.workers)
-        results = ex.map(_field_job, jobs, chunksize=1)
-    else:
-        ex = None
-        results = map(_field_job, jobs)
-    try:
+    with process_pool(cfg.workers) if cfg.workers > 1 and len(jobs) > 1 else nullcontext() as ex:
+        results = ex.map(_field_job, jobs, chunksize=1) if ex is not None else map(_field_job, jobs)
         for k, (key, n_cells, err) in enumerate(results):
             if err is not None:
                 if cfg.on_error != "skip":
@@ -215,30 +232,58 @@ def profile_plate(cfg: ProfileConfig, progress: Progress | None = None) -> Profi
             else:
                 n_written += 1
             progress("fields", len(done) + k + 1, len(mine), info=f"{n_cells} cells")
-    finally:
-        if ex is not None:
-            ex.shutdown(wait=True, cancel_futures=True)
+    by_key = {f.key: f for f in plate.fields}
+    for item in skipped:  # other shards see it: the plate is complete without it (a rerun retries it)
+        if item["field"] in by_key:
+            write_json_atomic(skip_path(by_key[item["field"]]), item)
     params = plain(cfg)
     record = Shard(*cfg.shard).record_name()
     write_run_record(out, "profile", params, inputs={"plate": str(cfg.plate)}, name=record, skipped=skipped)
     res = ProfileResult(out, plate.name, len(mine), n_written, len(done), 0, False, skipped=skipped)
     finished = [f for f in plate.fields if cell_path(f).exists()]
-    failed = {s["field"] for s in skipped}
-    if len(finished) + len([f for f in plate.fields if f.key in failed]) >= len(plate.fields) and finished:
-        res.tables = aggregate_plate(plate, finished, cell_path, out, cfg)
-        res.complete = True
-        res.n_cells = int(pd.read_parquet(res.tables["image"], columns=["Image_Count_Cells"])["Image_Count_Cells"].sum())
+    if finished and all(cell_path(f).exists() or skip_path(f).exists() for f in plate.fields):
+        res.tables = _finalize(plate, finished, cell_path, out, cfg, digest)
+        res.complete = bool(res.tables)
+        if res.complete:
+            res.n_cells = int(pd.read_parquet(res.tables["image"], columns=["Image_Count_Cells"])["Image_Count_Cells"].sum())
     res.seconds = time.perf_counter() - t0
     return res
 
 
-def aggregate_plate(plate: Plate, fields: list[Field], cell_path, out: Path, cfg: ProfileConfig) -> dict[str, Path]:
-    """Single cells -> image (median) -> well -> perturbation tables with the platemap's metadata."""
+def _finalize(plate: Plate, finished: list[Field], cell_path, out: Path, cfg: ProfileConfig, digest: str) -> dict[str, Path]:
+    """The plate tables, written once: by the shard that completes the plate (another finishing at the same
+    moment finds the lock held and leaves it), and not again by a rerun that would write the same tables."""
+    names = ["image", "well", "perturbation"] + (["single_cells"] if cfg.single_cells else [])
+    paths = {n: out / f"{plate.name}_{n}.parquet" for n in names}
+    marker = out / f".cpvs-tables-{plate.name}.json"
+    state = {"identity": digest, "fields": sorted(f.key for f in finished), "aggregate": cfg.aggregate,
+             "single_cells": cfg.single_cells}
+    try:
+        lock = OutputLock(out, "profile tables", name=f"{plate.name}-tables").acquire()
+    except CpvsError:
+        return {}
+    try:
+        if marker.exists() and json.loads(marker.read_text()) == state and all(p.exists() for p in paths.values()):
+            return paths
+        paths = aggregate_plate(plate, finished, cell_path, out, cfg, digest)
+        write_json_atomic(marker, state)
+        return paths
+    finally:
+        lock.release()
+
+
+def aggregate_plate(plate: Plate, fields: list[Field], cell_path, out: Path, cfg: ProfileConfig,
+                    digest: str | None = None) -> dict[str, Path]:
+    """Single cells -> image (median) -> well -> perturbation tables with the platemap's metadata.
+    Every field's table must carry ``digest`` (the parameters of this run) when given."""
     meta = plate.table()
     index = {f.key: i for i, f in enumerate(plate.fields)}
     images, cells_all = [], []
     for f in fields:
         cells = pd.read_parquet(cell_path(f))
+        if digest is not None and cells.attrs.get(IDENTITY_KEY) != digest:
+            raise CpvsError("this field was measured with other parameters than the rest of the plate", cell_path(f),
+                            "rerun with --overwrite to measure every field with the same parameters")
         feats = [c for c in cells.columns if not c.startswith("Metadata_")]
         row = cells[feats].median().to_frame().T if len(cells) else pd.DataFrame([{c: np.nan for c in feats}])
         row.insert(0, "Image_Count_Cells", len(cells))

@@ -10,7 +10,6 @@ parallel without changing a byte.
 from __future__ import annotations
 
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -18,6 +17,7 @@ from typing import Callable
 import numpy as np
 
 from cpvs.errors import CpvsError
+from cpvs.jobs import OutputLock, claim_identity, process_pool
 from cpvs.plate.channels import PRESETS
 from cpvs.plate.discover import discover_plate
 from cpvs.plate.loaddata import write_load_data
@@ -90,13 +90,21 @@ def simulate(
         raise CpvsError("--plates and --sites must be at least 1")
     batches = batches or plates
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    progress = progress or (lambda *_: None)
+    with OutputLock(out, "simulate"):
+        return _simulate(out, plates, wells, sites, size, seed, moas, batches, workers, compression, masks,
+                         progress or (lambda *_: None), t0)
+
+
+def _simulate(out, plates, wells, sites, size, seed, moas, batches, workers, compression, masks, progress, t0) -> SimulateResult:
+    params = dict(plates=plates, wells=wells, sites=sites, size=size, seed=seed, moas=moas, batches=batches, compression=compression)
     jobs, folders = [], []
     for p in range(plates):
         name = plate_name(seed, p)
         folder = out / name
         folder.mkdir(exist_ok=True)
+        # A rerun resumes a plate only with the parameters it was started with (other seeds are other folders).
+        claim_identity(folder, "simulate", {k: v for k, v in params.items() if k != "plates"} | {"masks": masks},
+                       can_overwrite=False)
         folders.append(folder)
         prng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(p,)))
         b = p % batches
@@ -110,7 +118,7 @@ def simulate(
                 jobs.append((folder, seed, p, w_index, row["well"], site, size, effects, strength, optics, compression, masks))
     written = 0
     if workers > 1:
-        with ProcessPoolExecutor(workers) as ex:
+        with process_pool(workers) as ex:
             for i, w in enumerate(ex.map(_render_and_write, jobs, chunksize=1)):
                 written += w
                 progress("fields", i + 1, len(jobs))
@@ -118,7 +126,6 @@ def simulate(
         for i, job in enumerate(jobs):
             written += _render_and_write(job)
             progress("fields", i + 1, len(jobs))
-    params = dict(plates=plates, wells=wells, sites=sites, size=size, seed=seed, moas=moas, batches=batches, compression=compression)
     for folder in folders:
         plate = discover_plate(folder, channels=list(CHANNELS))
         write_load_data(plate, folder / "load_data.csv")

@@ -27,6 +27,7 @@ from torch import nn
 from cpvs.checkpoints import load_checkpoint, save_checkpoint
 from cpvs.device import autocast
 from cpvs.errors import CpvsError
+from cpvs.jobs import graceful_stop
 from cpvs.models.diffusion.classifier import NoisyClassifier
 from cpvs.models.diffusion.schedule import NoiseSchedule
 from cpvs.models.diffusion.unet import DiffusionUNet, DiffusionUNetConfig
@@ -37,7 +38,9 @@ from cpvs.train.runtime import (
     Clock,
     MetricsTable,
     Progress,
+    check_resume_identity,
     prepare_run_folder,
+    run_lock,
     rng_state,
     set_rng_state,
     start_run,
@@ -138,6 +141,13 @@ def class_table(store: Store, label: str | None) -> tuple[list[str], dict[int, i
 
 
 def train_diffusion(cfg: DiffusionConfig, progress: Progress | None = None):
+    """Train the ddpm or its guidance classifier; SIGINT/SIGTERM stop after the current step with a
+    resumable checkpoint of that step."""
+    with run_lock(cfg.out):
+        return _train_diffusion(cfg, progress)
+
+
+def _train_diffusion(cfg: DiffusionConfig, progress: Progress | None):
     from cpvs.train.staining import TrainResult
 
     if cfg.model not in ("ddpm", "classifier"):
@@ -164,16 +174,16 @@ def train_diffusion(cfg: DiffusionConfig, progress: Progress | None = None):
     sampler = CropSampler(store, inputs, targets, crop, cfg.val_fraction, cfg.seed, cfg.workers)
     resume_from = prepare_run_folder(cfg.out, cfg.resume)
     metrics = MetricsTable(cfg.out / "metrics.parquet")
-    start = 1
+    start, partial = 1, None
     if resume_from is not None:
         ck = load_checkpoint(resume_from)
-        if ck["config_identity"] != cfg.identity():
-            raise CpvsError("--resume with different settings", resume_from, "rerun with the settings of the interrupted run")
+        check_resume_identity(ck, cfg.identity(), resume_from)
         model.load_state_dict(ck["state"]["model"])
         ema.load_state_dict(ck["state_dict"])
         opt.load_state_dict(ck["state"]["optimizer"])
         set_rng_state(ck["state"]["rng"])
         start = ck["train"]["epoch"] + 1
+        partial = ck["train"].get("partial")  # stopped by a signal inside epoch `start`
         metrics = MetricsTable.load(cfg.out / "metrics.parquet", ck["train"]["epoch"])
     if dist.main:
         write_run_record(cfg.out, "train", plain(cfg),
@@ -187,14 +197,40 @@ def train_diffusion(cfg: DiffusionConfig, progress: Progress | None = None):
                 config=plain(cfg))
     val_items = sampler.val_items(max_crops=16)
     clock = Clock(cfg.max_minutes)
+
+    def save(epoch: int, row: dict, partial: dict | None = None) -> None:
+        state = {"model": unwrap(model).state_dict(), "optimizer": opt.state_dict(), "rng": rng_state()}
+        train = {"epoch": epoch, "step": row["step"], "metrics": row} | ({"partial": partial} if partial else {})
+        save_checkpoint(cfg.out / "checkpoints" / "last.pt", **meta, state_dict=ema.state_dict(), train=train, state=state,
+                        config_identity=cfg.identity())
+
+    with graceful_stop(dist.world == 1) as stop:
+        epochs_done, stopped = _epochs(cfg, start, partial, sampler, schedule, model, ema, opt, label_of, classes, device,
+                                       dist, metrics, clock, val_items, progress, save, stop)
+        stop.check()
+    frame = metrics.frame()
+    return TrainResult(cfg.out, cfg.model, sum(p.numel() for p in ema.parameters()), epochs_done, None,
+                       frame.iloc[-1].to_dict() if len(frame) else {}, frame, str(device), stopped)
+
+
+def _epochs(cfg, start, partial, sampler, schedule, model, ema, opt, label_of, classes, device, dist, metrics, clock,
+            val_items, progress, save, stop) -> tuple[int, bool]:
+    """The training epochs from ``start`` (from inside it when ``partial``); (epochs done, stopped by the clock)."""
     total = cfg.epochs * cfg.steps_per_epoch
     epochs_done, stopped = start - 1, False
     for epoch in range(start, cfg.epochs + 1):
         plan = sampler.plan_epoch(epoch, cfg.steps_per_epoch, cfg.batch_size, dist.rank)
         gen = torch.Generator().manual_seed(int(np.random.SeedSequence([cfg.seed, dist.rank, epoch]).generate_state(1)[0]))
-        losses = []
+        first, losses = 0, []
+        if partial and epoch == start:
+            first, losses = partial["step"], list(partial["losses"])
+            gen.set_state(partial["gen"])
         model.train()
-        for step, (items, (xb, yb)) in enumerate(zip(plan, sampler.batches(plan))):
+        for step, (items, (xb, yb)) in enumerate(zip(plan[first:], sampler.batches(plan[first:])), start=first):
+            if stop.requested:
+                save(epoch - 1, {"step": (epoch - 1) * cfg.steps_per_epoch + step},
+                     {"epoch": epoch, "step": step, "losses": losses, "gen": gen.get_state()})
+                stop.check()
             x, y = augment(torch.from_numpy(xb), torch.from_numpy(yb), gen)
             x, y = x.to(device), y.to(device)
             t = torch.randint(0, schedule.T, (len(x),), generator=gen).to(device)
@@ -227,18 +263,13 @@ def train_diffusion(cfg: DiffusionConfig, progress: Progress | None = None):
         if dist.main:
             row["val_loss"] = _validate(ema, sampler, val_items, schedule, cfg, label_of, device)
             metrics.append(row)
-            state = {"model": unwrap(model).state_dict(), "optimizer": opt.state_dict(), "rng": rng_state()}
-            save_checkpoint(cfg.out / "checkpoints" / "last.pt", **meta, state_dict=ema.state_dict(),
-                            train={"epoch": epoch, "step": row["step"], "metrics": row}, state=state,
-                            config_identity=cfg.identity())
+            save(epoch, row)
         dist.barrier()
         epochs_done = epoch
         if dist.agree(clock.out_of_time()) and epoch < cfg.epochs:
             stopped = True
             break
-    frame = metrics.frame()
-    return TrainResult(cfg.out, cfg.model, sum(p.numel() for p in ema.parameters()), epochs_done, None,
-                       frame.iloc[-1].to_dict() if len(frame) else {}, frame, str(device), stopped)
+    return epochs_done, stopped
 
 
 def target_range(store: Store, targets: list[str], max_fields: int = 64) -> dict[str, list[float]]:

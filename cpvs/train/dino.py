@@ -31,6 +31,7 @@ from torch import nn
 from cpvs.checkpoints import load_checkpoint, save_checkpoint
 from cpvs.device import autocast
 from cpvs.errors import CpvsError
+from cpvs.jobs import graceful_stop
 from cpvs.models.vit import ChannelModels, load_init_weights
 from cpvs.plate.channels import is_brightfield
 from cpvs.preprocess.store import Store
@@ -40,7 +41,9 @@ from cpvs.train.runtime import (
     Clock,
     MetricsTable,
     Progress,
+    check_resume_identity,
     prepare_run_folder,
+    run_lock,
     rng_state,
     set_rng_state,
     start_run,
@@ -121,7 +124,13 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
 def train_dino(cfg: DinoConfig, progress: Progress | None = None, evaluate: EvaluateFn | None = None):
     """Train DINO / WS-DINO on the store ``cfg.data``. ``evaluate(teacher, store, channels, device)``
     returns metrics (e.g. NSC/NSCB of teacher embeddings) recorded every ``cfg.eval_every`` epochs;
-    the evaluation layer supplies it (:func:`cpvs.evaluate.training.moa_matching`)."""
+    the evaluation layer supplies it (:func:`cpvs.evaluate.training.moa_matching`). SIGINT/SIGTERM stop
+    after the current step with a resumable checkpoint of that step."""
+    with run_lock(cfg.out):
+        return _train_dino(cfg, progress, evaluate)
+
+
+def _train_dino(cfg: DinoConfig, progress: Progress | None, evaluate: EvaluateFn | None):
     from cpvs.train.staining import TrainResult
 
     if cfg.model not in ("dino", "ws-dino"):
@@ -159,11 +168,10 @@ def train_dino(cfg: DinoConfig, progress: Progress | None = None, evaluate: Eval
 
     resume_from = prepare_run_folder(cfg.out, cfg.resume)
     metrics = MetricsTable(cfg.out / "metrics.parquet")
-    start = 1
+    start, partial = 1, None
     if resume_from is not None:
         ck = load_checkpoint(resume_from)
-        if ck["config_identity"] != plain(cfg.identity()):
-            raise CpvsError("--resume with different settings", resume_from, "rerun with the settings of the interrupted run")
+        check_resume_identity(ck, cfg.identity(), resume_from)
         student.load_state_dict(ck["state"]["student"])
         teacher.load_state_dict(ck["state_dict"])
         opt.load_state_dict(ck["state"]["optimizer"])
@@ -171,6 +179,7 @@ def train_dino(cfg: DinoConfig, progress: Progress | None = None, evaluate: Eval
             center[c] = ck["state"]["center"][c].to(device)
         set_rng_state(ck["state"]["rng"])
         start = ck["train"]["epoch"] + 1
+        partial = ck["train"].get("partial")  # stopped by a signal inside epoch `start`
         metrics = MetricsTable.load(cfg.out / "metrics.parquet", ck["train"]["epoch"])
     if dist.main:
         write_run_record(cfg.out, "train", plain(cfg), inputs={"store": str(cfg.data)},
@@ -186,16 +195,42 @@ def train_dino(cfg: DinoConfig, progress: Progress | None = None, evaluate: Eval
     total = cfg.epochs * steps
     warmup = cfg.warmup_epochs * steps
     clock = Clock(cfg.max_minutes)
-    epochs_done, stopped = start - 1, False
     has_moa = cfg.eval_every > 0 and evaluate is not None
     if has_moa and start == 1 and dist.main:  # the untrained (random or --init-weights) networks, for reference
         teacher.eval()
         scores = evaluate(teacher, store, channels, device)
         if scores:
             metrics.append({"epoch": 0, "step": 0, "seconds": 0.0, "loss": float("nan"), "lr": 0.0, **scores})
+    def save(epoch: int, row: dict, partial: dict | None = None) -> None:
+        state = {"student": unwrap(student).state_dict(), "optimizer": opt.state_dict(), "rng": rng_state(),
+                 "center": {c: v.cpu() for c, v in center.items()}}
+        train = {"epoch": epoch, "step": row["step"], "metrics": row} | ({"partial": partial} if partial else {})
+        save_checkpoint(cfg.out / "checkpoints" / "last.pt", **meta, state_dict=teacher.state_dict(), train=train, state=state,
+                        config_identity=plain(cfg.identity()))
+
+    with graceful_stop(dist.world == 1) as stop:
+        epochs_done, stopped = _epochs(cfg, start, partial, steps, total, warmup, store, sampler, spec, channels, student,
+                                       teacher, opt, center, device, dist, metrics, clock, progress, save, stop,
+                                       evaluate if has_moa else None)
+        stop.check()
+    frame = metrics.frame()
+    n_params = sum(p.numel() for p in teacher.parameters())
+    return TrainResult(cfg.out, cfg.model, n_params, epochs_done, None, frame.iloc[-1].to_dict() if len(frame) else {},
+                       frame, str(device), stopped)
+
+
+def _epochs(cfg, start, partial, steps, total, warmup, store, sampler, spec, channels, student, teacher, opt, center, device,
+            dist, metrics, clock, progress, save, stop, evaluate) -> tuple[int, bool]:
+    """The training epochs from ``start`` (from inside it when ``partial``); (epochs done, stopped by the clock)."""
+    epochs_done, stopped = start - 1, False
     for epoch in range(start, cfg.epochs + 1):
-        losses = []
-        for step in range(steps):
+        first, losses = 0, []
+        if partial and epoch == start:
+            first, losses = partial["step"], list(partial["losses"])
+        for step in range(first, steps):
+            if stop.requested:
+                save(epoch - 1, {"step": (epoch - 1) * steps + step}, {"epoch": epoch, "step": step, "losses": losses})
+                stop.check()
             gstep = (epoch - 1) * steps + step
             for g in opt.param_groups:
                 g["lr"] = lr_at(gstep, total, warmup, cfg.lr, cfg.min_lr)
@@ -225,21 +260,14 @@ def train_dino(cfg: DinoConfig, progress: Progress | None = None, evaluate: Eval
         row = {"epoch": epoch, "step": epoch * steps, "seconds": round(clock.elapsed, 2), "loss": float(np.mean(losses)),
                "lr": opt.param_groups[0]["lr"]}
         if dist.main:
-            if has_moa and epoch % cfg.eval_every == 0:
+            if evaluate is not None and epoch % cfg.eval_every == 0:
                 teacher.eval()
                 row.update(evaluate(teacher, store, channels, device))
             metrics.append(row)
-            state = {"student": unwrap(student).state_dict(), "optimizer": opt.state_dict(), "rng": rng_state(),
-                     "center": {c: v.cpu() for c, v in center.items()}}
-            save_checkpoint(cfg.out / "checkpoints" / "last.pt", **meta, state_dict=teacher.state_dict(),
-                            train={"epoch": epoch, "step": row["step"], "metrics": row}, state=state,
-                            config_identity=plain(cfg.identity()))
+            save(epoch, row)
         dist.barrier()
         epochs_done = epoch
         if dist.agree(clock.out_of_time()) and epoch < cfg.epochs:
             stopped = True
             break
-    frame = metrics.frame()
-    n_params = sum(p.numel() for p in teacher.parameters())
-    return TrainResult(cfg.out, cfg.model, n_params, epochs_done, None, frame.iloc[-1].to_dict() if len(frame) else {},
-                       frame, str(device), stopped)
+    return epochs_done, stopped

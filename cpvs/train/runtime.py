@@ -3,6 +3,7 @@ metrics tables, validation and RNG state for exact resumes."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from torch import nn
 
 from cpvs.device import autocast, check_precision, resolve_device
 from cpvs.errors import CpvsError
+from cpvs.jobs import OutputLock
 from cpvs.image_metrics import channel_metrics
 from cpvs.runinfo import atomic_path
 
@@ -87,6 +89,25 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def run_lock(out: Path):
+    """The run folder belongs to one training job (rank 0 holds the lock under torchrun)."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return contextlib.nullcontext()
+    return OutputLock(out, "train")
+
+
+def check_resume_identity(ck: dict, identity: dict, path) -> None:
+    """A resumed run must share every setting that shapes its weights with the run it continues."""
+    from cpvs.runinfo import plain
+
+    old, new = plain(ck.get("config_identity") or {}), plain(identity)
+    if old != new:
+        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        shown = "; ".join(f"--{k.replace('_', '-')}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:6])
+        raise CpvsError(f"--resume with different settings ({shown})", path,
+                        "rerun with the settings of the interrupted run (see its cpvs-run.json), or start a new -o")
 
 
 def prepare_run_folder(out: Path, resume: bool) -> Path | None:

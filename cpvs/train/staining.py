@@ -21,6 +21,7 @@ from torch import nn
 from cpvs.checkpoints import load_checkpoint, save_checkpoint
 from cpvs.device import autocast
 from cpvs.errors import CpvsError
+from cpvs.jobs import graceful_stop
 from cpvs.models import build_model, load_model, n_parameters
 from cpvs.models.critic import PatchCritic, gradient_penalty
 from cpvs.preprocess.store import Store
@@ -31,8 +32,10 @@ from cpvs.train.runtime import (
     Clock,
     MetricsTable,
     Progress,
+    check_resume_identity,
     is_better,
     prepare_run_folder,
+    run_lock,
     rng_state,
     set_rng_state,
     start_run,
@@ -111,7 +114,15 @@ def _checkpoint_meta(cfg: StainingConfig, family, hparams, inputs, targets, stor
 
 
 def train_staining(cfg: StainingConfig, progress: Progress | None = None) -> TrainResult:
-    """Train ``cfg.model`` (unet | cwgan | linear) on the store ``cfg.data`` into the run folder ``cfg.out``."""
+    """Train ``cfg.model`` (unet | cwgan | linear) on the store ``cfg.data`` into the run folder ``cfg.out``.
+
+    SIGINT/SIGTERM stop after the current step with a resumable checkpoint of that step
+    (``--resume`` continues exactly there)."""
+    with run_lock(cfg.out):
+        return _train_staining(cfg, progress)
+
+
+def _train_staining(cfg: StainingConfig, progress: Progress | None) -> TrainResult:
     if cfg.model not in FAMILIES:
         raise CpvsError(f"unknown staining model {cfg.model!r}; use one of {', '.join(FAMILIES)}")
     if cfg.select not in BETTER:
@@ -153,13 +164,10 @@ def train_staining(cfg: StainingConfig, progress: Progress | None = None) -> Tra
 
     resume_from = prepare_run_folder(cfg.out, cfg.resume)
     metrics = MetricsTable(cfg.out / "metrics.parquet")
-    start, best_val, best_epoch = 1, None, None
+    start, best_val, best_epoch, skip, logs0 = 1, None, None, 0, {}
     if resume_from is not None:
         ck = load_checkpoint(resume_from)
-        if ck["config_identity"] != cfg.identity():
-            diff = [k for k in cfg.identity() if ck["config_identity"].get(k) != cfg.identity()[k]]
-            raise CpvsError(f"--resume with different settings ({', '.join(diff)})", resume_from,
-                            "rerun with the settings of the interrupted run (see its cpvs-run.json)")
+        check_resume_identity(ck, cfg.identity(), resume_from)
         model.load_state_dict(ck["state_dict"])
         opt.load_state_dict(ck["state"]["optimizer"])
         if critic is not None:
@@ -168,6 +176,8 @@ def train_staining(cfg: StainingConfig, progress: Progress | None = None) -> Tra
         set_rng_state(ck["state"]["rng"])
         start = ck["train"]["epoch"] + 1
         best_val, best_epoch = ck["train"]["best"], ck["train"]["best_epoch"]
+        if ck["train"].get("partial"):  # stopped by a signal inside epoch `start`
+            skip, logs0 = ck["train"]["partial"]["step"], ck["train"]["partial"]["logs"]
         metrics = MetricsTable.load(cfg.out / "metrics.parquet", ck["train"]["epoch"])
     if dist.main:
         write_run_record(cfg.out, "train", plain(cfg), inputs={"store": str(cfg.data), "init": str(cfg.init) if cfg.init else None})
@@ -182,55 +192,84 @@ def train_staining(cfg: StainingConfig, progress: Progress | None = None) -> Tra
     epochs_done = start - 1
     stopped = False
     l1 = nn.L1Loss()
-    for epoch in range(start, cfg.epochs + 1):
-        per_step = (cfg.critic_steps + 1) if critic is not None else 1
-        plan = sampler.plan_epoch(epoch, cfg.steps_per_epoch * per_step, batch, dist.rank)
-        batches = sampler.batches(plan)
-        logs: dict[str, list[float]] = {}
-        model.train()
-        for step in range(cfg.steps_per_epoch):
-            if critic is None:
-                x, y = (torch.from_numpy(a).to(device, non_blocking=True) for a in next(batches))
-                with autocast(device, cfg.precision):
-                    loss = l1(model(x).float(), y)
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-                logs.setdefault("train_l1", []).append(float(loss.detach()))
-            else:
-                _cwgan_step(cfg, epoch, model, critic, opt, critic_opt, batches, device, logs)
-            done = (epoch - 1) * cfg.steps_per_epoch + step + 1
-            key = "train_l1" if critic is None else "loss_generator"
-            progress("train", done, total_steps, info=f"epoch {epoch}/{cfg.epochs} {key} {np.mean(logs[key][-20:]):.4f}")
-        row = {"epoch": epoch, "step": epoch * cfg.steps_per_epoch, "seconds": round(clock.elapsed, 2)}
-        row.update({k: float(np.mean(v)) for k, v in logs.items()})
-        if dist.main:
-            val = validate(unwrap(model), sampler, device, cfg.precision, targets)
-            row.update(val)
-            metrics.append(row)
-            improved = is_better(cfg.select, val[cfg.select], best_val)
-            if improved:
-                best_val, best_epoch = val[cfg.select], epoch
-            train_info = {"epoch": epoch, "step": row["step"], "metrics": val, "best": best_val, "best_epoch": best_epoch,
-                          "select": cfg.select}
-            state = {"optimizer": opt.state_dict(), "rng": rng_state()}
-            if critic is not None:
-                state.update(critic=unwrap(critic).state_dict(), critic_optimizer=critic_opt.state_dict())
-            weights = unwrap(model).state_dict()
-            save_checkpoint(cfg.out / "checkpoints" / "last.pt", **meta, state_dict=weights, train=train_info,
-                            state=state, config_identity=cfg.identity())
-            if improved:
-                save_checkpoint(cfg.out / "checkpoints" / "best.pt", **meta, state_dict=weights, train=train_info)
-        dist.barrier()
-        epochs_done = epoch
-        if dist.agree(clock.out_of_time()) and epoch < cfg.epochs:
-            stopped = True
-            break
+
+    def save_partial(epoch: int, step: int, logs: dict) -> None:
+        """The state after ``step`` steps of ``epoch``: weights, optimizers, RNG and the epoch's logs."""
+        state = {"optimizer": opt.state_dict(), "rng": rng_state()}
+        if critic is not None:
+            state.update(critic=unwrap(critic).state_dict(), critic_optimizer=critic_opt.state_dict())
+        train_info = {"epoch": epoch - 1, "step": (epoch - 1) * cfg.steps_per_epoch + step, "best": best_val,
+                      "best_epoch": best_epoch, "select": cfg.select, "partial": {"epoch": epoch, "step": step, "logs": logs}}
+        save_checkpoint(cfg.out / "checkpoints" / "last.pt", **meta, state_dict=unwrap(model).state_dict(), train=train_info,
+                        state=state, config_identity=cfg.identity())
+
+    with graceful_stop(dist.world == 1) as stop:
+        for epoch in range(start, cfg.epochs + 1):
+            per_step = (cfg.critic_steps + 1) if critic is not None else 1
+            first = skip if epoch == start else 0
+            plan = sampler.plan_epoch(epoch, cfg.steps_per_epoch * per_step, batch, dist.rank)
+            batches = sampler.batches(plan[first * per_step :])
+            logs: dict[str, list[float]] = {k: list(v) for k, v in logs0.items()} if first else {}
+            model.train()
+            for step in range(first, cfg.steps_per_epoch):
+                if stop.requested:
+                    save_partial(epoch, step, logs)
+                    stop.check()
+                _train_step(cfg, epoch, model, critic, opt, critic_opt, scaler, batches, device, logs, l1)
+                done = (epoch - 1) * cfg.steps_per_epoch + step + 1
+                key = "train_l1" if critic is None else "loss_generator"
+                progress("train", done, total_steps, info=f"epoch {epoch}/{cfg.epochs} {key} {np.mean(logs[key][-20:]):.4f}")
+            best_val, best_epoch = _end_epoch(cfg, epoch, logs, model, critic, opt, critic_opt, sampler, device, targets, meta,
+                                              metrics, clock, best_val, best_epoch, dist)
+            epochs_done = epoch
+            if dist.agree(clock.out_of_time()) and epoch < cfg.epochs:
+                stopped = True
+                break
+        stop.check()  # a signal during the last validation: the work is saved, the exit code still says why
     frame = metrics.frame()
     best_row = frame.loc[frame["epoch"] == best_epoch].iloc[0].to_dict() if best_epoch is not None and len(frame) else {}
     return TrainResult(cfg.out, cfg.model, n_parameters(unwrap(model)), epochs_done, best_epoch, best_row, frame,
                        str(device), stopped)
+
+
+def _train_step(cfg, epoch, model, critic, opt, critic_opt, scaler, batches, device, logs, l1) -> None:
+    if critic is not None:
+        _cwgan_step(cfg, epoch, model, critic, opt, critic_opt, batches, device, logs)
+        return
+    x, y = (torch.from_numpy(a).to(device, non_blocking=True) for a in next(batches))
+    with autocast(device, cfg.precision):
+        loss = l1(model(x).float(), y)
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    logs.setdefault("train_l1", []).append(float(loss.detach()))
+
+
+def _end_epoch(cfg, epoch, logs, model, critic, opt, critic_opt, sampler, device, targets, meta, metrics, clock, best_val,
+               best_epoch, dist):
+    """Validation, metrics row, last.pt (and best.pt when the selected metric improved); (best value, best epoch)."""
+    row = {"epoch": epoch, "step": epoch * cfg.steps_per_epoch, "seconds": round(clock.elapsed, 2)}
+    row.update({k: float(np.mean(v)) for k, v in logs.items()})
+    if dist.main:
+        val = validate(unwrap(model), sampler, device, cfg.precision, targets)
+        row.update(val)
+        metrics.append(row)
+        improved = is_better(cfg.select, val[cfg.select], best_val)
+        if improved:
+            best_val, best_epoch = val[cfg.select], epoch
+        train_info = {"epoch": epoch, "step": row["step"], "metrics": val, "best": best_val, "best_epoch": best_epoch,
+                      "select": cfg.select}
+        state = {"optimizer": opt.state_dict(), "rng": rng_state()}
+        if critic is not None:
+            state.update(critic=unwrap(critic).state_dict(), critic_optimizer=critic_opt.state_dict())
+        weights = unwrap(model).state_dict()
+        save_checkpoint(cfg.out / "checkpoints" / "last.pt", **meta, state_dict=weights, train=train_info,
+                        state=state, config_identity=cfg.identity())
+        if improved:
+            save_checkpoint(cfg.out / "checkpoints" / "best.pt", **meta, state_dict=weights, train=train_info)
+    dist.barrier()
+    return best_val, best_epoch
 
 
 def _cwgan_step(cfg, epoch, gen, critic, opt_g, opt_d, batches, device, logs) -> None:
