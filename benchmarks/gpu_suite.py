@@ -112,6 +112,7 @@ class Recorder:
         self.name, self.s, self.path, self.echo = name, settings, path, echo
         self.result = PartResult(name)
         self.work = Path(settings.work)
+        parts.expected(name, settings)  # the figures' labels
 
     def left(self) -> float:
         """Seconds until this part must stop starting new work."""
@@ -223,17 +224,24 @@ def run_child(name: str, settings: Settings, path: Path, kill_at: float) -> Part
 
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
-    killed = False
+    killed = interrupted = False
     try:
         proc.wait(timeout=max(1.0, kill_at - time.time()))
     except subprocess.TimeoutExpired:
         killed = True
+        _kill_group(proc)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM to the suite: the part goes too, and the report is still written
+        killed = interrupted = True
         _kill_group(proc)
     reader.join(timeout=5)
     res = PartResult(name)
     if path.exists():
         res = PartResult(**json.loads(path.read_text()))
     res.seconds = time.time() - t
+    if interrupted:
+        res.status, res.error = "killed", f"the suite was interrupted after {res.seconds:.0f} s (figures recorded before are kept)"
+        print("  INTERRUPTED", flush=True)
+        raise Interrupted(res)
     if killed:
         res.status = "killed"
         res.error = f"killed at its cap after {res.seconds:.0f} s (figures recorded before are kept)"
@@ -243,6 +251,18 @@ def run_child(name: str, settings: Settings, path: Path, kill_at: float) -> Part
         res.error = _last_line(err_tail) or f"exit code {proc.returncode}"
         print(f"  FAILED: {res.error}", flush=True)
     return res
+
+
+class Interrupted(Exception):
+    """The suite was stopped (Ctrl-C, SIGTERM) while a part ran; carries what the part recorded."""
+
+    def __init__(self, result: PartResult):
+        super().__init__(result.error)
+        self.result = result
+
+
+def _sigterm(signum, frame):
+    raise KeyboardInterrupt
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -297,7 +317,7 @@ def why_missing(res: PartResult, key: str) -> str:
             return f"skipped: {s['why']}"
     if res.status == "failed":
         return f"part failed: {res.error}"
-    if res.status == "killed":
+    if res.status == "killed" or res.error:
         return f"not reached: {res.error}"
     return "not reached"
 
@@ -425,6 +445,8 @@ def main(argv: list[str] | None = None) -> dict:
     isolate = args.isolate == "process" or (args.isolate == "auto" and not args.smoke)
     base = Settings.for_run(args.smoke, device, str(work), args.fields)
     results: dict[str, PartResult] = {}
+    interrupted = False
+    old_handler = signal.signal(signal.SIGTERM, _sigterm)  # `timeout` sends SIGTERM: stop the part, still write the report
     try:
         available = {name: parts.available(name, base) for name in selected}
         for i, name in enumerate(selected):
@@ -444,25 +466,36 @@ def main(argv: list[str] | None = None) -> dict:
             end = time.time() + cap
             settings = Settings(**{**asdict(base), "deadline": end - (KILL_GRACE_S if isolate else 0.0)})
             path = work / f"part-{name}.json"
-            res = run_child(name, settings, path, end) if isolate else run_inline(name, settings, path)
+            try:
+                res = run_child(name, settings, path, end) if isolate else run_inline(name, settings, path)
+            except Interrupted as e:
+                e.result.cap_s, results[name] = cap, e.result
+                interrupted = True
+                break
             res.cap_s = cap
             finish_status(res, settings)
             results[name] = res
             print(f"  -> {res.status} in {res.seconds:.0f} s", flush=True)
+    except KeyboardInterrupt:
+        interrupted = True
     finally:
         torch.set_num_threads(threads)
+        signal.signal(signal.SIGTERM, old_handler)
+        report = {"environment": env, "budget_s": budget, "seconds": time.time() - t0, "smoke": args.smoke,
+                  "interrupted": interrupted,
+                  "isolation": "process" if isolate else "inline", "selected": selected,
+                  "settings": {k: v for k, v in asdict(base).items() if k not in ("work", "deadline")},
+                  "goals": {k: g for p in selected for k, _, _, g in parts.expected(p, base) if g},
+                  "parts": {name: asdict(results.get(name, PartResult(name, error="the suite was interrupted" if interrupted
+                                                                      else None))) for name in selected}}
+        (out / "gpu_suite.json").write_text(json.dumps(report, indent=1, default=str))
+        table = markdown(report, base)
+        (out / "gpu_suite.md").write_text(table)
+        print("\n" + table, flush=True)
+        print(f"wrote {out / 'gpu_suite.json'} and {out / 'gpu_suite.md'} ({report['seconds']:.0f} s of {budget:.0f} s)",
+              flush=True)
         if not keep_work:
             shutil.rmtree(work, ignore_errors=True)
-    report = {"environment": env, "budget_s": budget, "seconds": time.time() - t0, "smoke": args.smoke,
-              "isolation": "process" if isolate else "inline", "selected": selected,
-              "settings": {k: v for k, v in asdict(base).items() if k not in ("work", "deadline")},
-              "goals": {k: g for p in selected for k, _, _, g in parts.expected(p, base) if g},
-              "parts": {name: asdict(results.get(name, PartResult(name))) for name in selected}}
-    (out / "gpu_suite.json").write_text(json.dumps(report, indent=1, default=str))
-    table = markdown(report, base)
-    (out / "gpu_suite.md").write_text(table)
-    print("\n" + table, flush=True)
-    print(f"wrote {out / 'gpu_suite.json'} and {out / 'gpu_suite.md'} ({report['seconds']:.0f} s of {budget:.0f} s)", flush=True)
     return report
 
 

@@ -105,7 +105,14 @@ def goal_of(key: str, s) -> str:
 
 
 def available(name: str, s) -> bool | str:
-    """True, or why the part cannot run in this build."""
+    """True, or why the part cannot run in this build (or this environment)."""
+    try:
+        return _available(name)
+    except Exception as e:  # e.g. a package of the engine missing on the GPU machine
+        return f"cannot check: {_last_line(e)}"
+
+
+def _available(name: str) -> bool | str:
     if name == "profile":
         try:
             from cpvs.profile.engine import measure_field  # noqa: F401
@@ -181,14 +188,16 @@ class _Stop(Exception):
     """Raised from a progress callback when the part's time is up."""
 
 
-def _stopper(ctx, margin: float = 1.0):
+def _stopper(ctx, margin: float = 1.0, limit: float | None = None):
+    """A progress callback that stops the run ``margin`` s before the part's cap, or after ``limit`` s."""
     state = {"done": 0}
+    stop_at = time.time() + limit if limit else None
 
     def progress(stage, done, total, info=""):
         if stage == "fields":
             state["done"] = done
-        if ctx.left() < margin:
-            raise _Stop(f"stopped at the cap during {stage} ({done}/{total})")
+        if ctx.left() < margin or (stop_at and time.time() > stop_at):
+            raise _Stop(f"stopped after {done} of {total} {stage} ({'the cap' if ctx.left() < margin else 'its time share'})")
 
     return progress, state
 
@@ -529,7 +538,7 @@ def run_unet_speed(ctx) -> None:
         if not ctx.fits(min(guess, 30.0), keys, f"predict-plate on {n} fields"):
             return
         out = ctx.work / f"speed-pred-{p}"
-        progress, state = _stopper(ctx)
+        progress, state = _stopper(ctx, limit=max(20.0, 0.4 * ctx.left()))  # a rate needs no more; leave time for the rest
         t = time.perf_counter()
         stopped = ""
         try:
@@ -558,18 +567,26 @@ def run_unet_speed(ctx) -> None:
         else:
             ctx.skip(keys[2], "no model-only figure to compare with")
 
-    for p in PRECISIONS:
-        model_only(p, "eager", net)
-        end_to_end(p)
-    compiled = None
-    for p in PRECISIONS:
+    compiled, compile_s = None, COMPILE_EST_S[s.compile_backend]
+
+    def compiled_model_only(p: str) -> None:
+        nonlocal compiled, compile_s
         key = f"unet.model.{p}.compile"
-        per_call = call_s[0] if call_s else 0.0
-        if not ctx.fits(COMPILE_EST_S[s.compile_backend] + 3 * per_call, key, f"torch.compile ({s.compile_backend})"):
-            continue
+        if not ctx.fits(compile_s + 3 * (call_s[0] if call_s else 0.0), key, f"torch.compile ({s.compile_backend})"):
+            return
         if compiled is None:
             compiled = torch.compile(net, backend=s.compile_backend)
+        t = time.time()
         model_only(p, "compile", compiled)
+        compile_s = time.time() - t  # a recompile (the other precision) costs about as much
+
+    # Most wanted first, so that a short budget still gets them: the default precision end to end, then compile.
+    model_only("bf16", "eager", net)
+    model_only("fp32", "eager", net)
+    end_to_end("bf16")
+    compiled_model_only("bf16")
+    end_to_end("fp32")
+    compiled_model_only("fp32")
     ctx.note("predict-plate has no compile option: end to end is eager; the compiled figures are model only "
              f"(backend {s.compile_backend}{', dynamo tracing only in --smoke' if s.smoke else ''})")
 
@@ -625,11 +642,12 @@ def run_diffusion_speed(ctx) -> None:
     image_ms = eager_ms  # per image-step: the compiled figure replaces it once measured
 
     lo, hi = (torch.full((1, 5, 1, 1), v, device=dev) for v in (-15.0, 15.0))
-    compiled = None
-    for b in sorted(s.batch_sizes, reverse=True):
+    compiled, compile_s = None, COMPILE_EST_S[s.compile_backend]
+    for b in sorted(s.batch_sizes, reverse=True):  # the largest batch (the goal's) first
         keys = [f"diff.b{b}.s{n}" for n in s.steps] + (["diff.compile", "diff.step.bf16.compile"] if compiled is None else [])
-        # compiled per batch size: the first call (re)compiles, as dynamo specializes on shapes
-        if not ctx.fits(COMPILE_EST_S[s.compile_backend], keys, f"torch.compile ({s.compile_backend}) for batch {b}"):
+        # compiled per batch size: the first call at a new batch size recompiles, as dynamo specializes on shapes
+        need = compile_s + 50 * (image_ms or 0) * b / 1000 * 1.2
+        if not ctx.fits(need, keys, f"torch.compile ({s.compile_backend}) and 50 steps at batch {b}"):
             continue
         try:
             first = compiled is None
@@ -640,7 +658,7 @@ def run_diffusion_speed(ctx) -> None:
             with torch.no_grad(), autocast(dev, "bf16"):
                 compiled(x, y, g)
             _sync(dev)
-            took = time.perf_counter() - t
+            took = compile_s = time.perf_counter() - t
             if first:
                 ctx.figure("diff.compile", took, "s", note=f"first call at batch {b} ({s.compile_backend})")
                 image_ms = step_ms("diff.step.bf16.compile", compiled, "bf16", b) or image_ms

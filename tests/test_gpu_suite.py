@@ -60,7 +60,7 @@ def test_a_part_past_its_cap_is_killed_and_keeps_its_figures(tmp_path):
     settings = suite.Settings.for_run(True, "cpu", str(tmp_path), None)
     settings.deadline = time.time() + 1
     t = time.time()
-    res = suite.run_child("_sleep", settings, tmp_path / "sleep.json", kill_at=time.time() + 4)
+    res = suite.run_child("_sleep", settings, tmp_path / "sleep.json", kill_at=time.time() + 2.5)
     assert time.time() - t < 15
     assert res.status == "killed" and "selftest.before" in res.figures and "selftest.after" not in res.figures
 
