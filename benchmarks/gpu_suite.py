@@ -50,6 +50,9 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import gpu_suite_parts as parts  # noqa: E402
+import gpu_suite_speed as speed  # noqa: E402
+
+RUN = {**parts.RUN, **speed.RUN}
 
 PARTS = ("train", "predict", "ddp", "unet_speed", "diffusion_speed", "profile", "evaluate")
 # Share of the time left that a part may take (shares of later parts are kept for them).
@@ -193,7 +196,7 @@ def run_inline(name: str, settings: Settings, path: Path | None) -> PartResult:
     rec = Recorder(name, settings, path)
     t = time.time()
     try:
-        parts.RUN[name](rec)
+        RUN[name](rec)
         rec.result.status = "done"
     except Exception as e:  # a part's crash is a result, not the end of the suite
         rec.result.status = "failed"
