@@ -85,13 +85,14 @@ class Settings:
     train_steps: int = 3
     tiny_size: int = 256
     tiny_diffusion: int = 64  # fields of the tiny diffusion models (store and crop)
+    threads: int = 0  # torch CPU threads (0: torch's default)
 
     @classmethod
     def for_run(cls, smoke: bool, device: str, work: str, fields: int | None) -> "Settings":
         if smoke:
             return cls(smoke, device, work, fields=fields or 4, size=256, unet_batch=4, diffusion_size=16, batch_sizes=(1, 2, 4),
                        eval_wells=2000, eval_features=64, compile_backend="eager", train_steps=2, tiny_size=128,
-                       tiny_diffusion=32)
+                       tiny_diffusion=32, threads=1)
         on_gpu = device.startswith("cuda")
         return cls(smoke, device, work, fields=fields or 384, unet_batch=64 if on_gpu else 16)
 
@@ -292,6 +293,10 @@ def _last_line(lines) -> str:
 def child_main(name: str, state: Path, result: Path) -> int:
     settings = Settings(**{**json.loads(state.read_text())})
     settings.batch_sizes, settings.steps = tuple(settings.batch_sizes), tuple(settings.steps)
+    if settings.threads:
+        import torch
+
+        torch.set_num_threads(settings.threads)
     res = run_inline(name, settings, result)
     return 0 if res.status != "failed" else 1
 
@@ -429,8 +434,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     device = str(resolve_device(args.device or ("cpu" if args.smoke else "auto")))
     threads = torch.get_num_threads()
-    if args.smoke:
-        torch.set_num_threads(1)  # tiny tensors: one thread is as fast, and far faster on a busy machine
+    base = Settings.for_run(args.smoke, device, "", args.fields)
+    if base.threads:  # --smoke: tiny tensors, one thread is as fast, and far faster on a busy machine
+        torch.set_num_threads(base.threads)
     env = environment(device)
     # The first lines: what this ran on.
     print(f"cpvs GPU suite: {env['device_name']} ({device}); torch {env['torch']}, CUDA {env['cuda']}, cuDNN {env['cudnn']}, "
@@ -449,7 +455,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = args.out or HERE / "results" / f"{slug(env['device_name'] if device != 'cpu' else 'cpu')}-{date.today().isoformat()}"
     out.mkdir(parents=True, exist_ok=True)
     isolate = args.isolate == "process" or (args.isolate == "auto" and not args.smoke)
-    base = Settings.for_run(args.smoke, device, str(work), args.fields)
+    base.work = str(work)
     results: dict[str, PartResult] = {}
     interrupted = False
     old_handler = signal.signal(signal.SIGTERM, _sigterm)  # `timeout` sends SIGTERM: stop the part, still write the report
