@@ -58,9 +58,9 @@ def test_smoke_runs_every_part_and_reports_every_figure_or_why_not(tmp_path):
 def test_a_part_past_its_cap_is_killed_and_keeps_its_figures(tmp_path):
     suite = _suite()
     settings = suite.Settings.for_run(True, "cpu", str(tmp_path), None)
-    settings.deadline = time.time() + 1
+    settings.deadline, settings.threads = time.time() + 1, 0  # threads 0: the child needs no torch
     t = time.time()
-    res = suite.run_child("_sleep", settings, tmp_path / "sleep.json", kill_at=time.time() + 2.5)
+    res = suite.run_child("_sleep", settings, tmp_path / "sleep.json", kill_at=time.time() + 4)
     assert time.time() - t < 15
     assert res.status == "killed" and "selftest.before" in res.figures and "selftest.after" not in res.figures
 
@@ -68,7 +68,7 @@ def test_a_part_past_its_cap_is_killed_and_keeps_its_figures(tmp_path):
 def test_a_crashing_part_records_its_last_traceback_line(tmp_path):
     suite = _suite()
     settings = suite.Settings.for_run(True, "cpu", str(tmp_path), None)
-    settings.deadline = time.time() + 30
+    settings.deadline, settings.threads = time.time() + 30, 0
     res = suite.run_child("_crash", settings, tmp_path / "crash.json", kill_at=time.time() + 30)
     assert res.status == "failed" and res.error == "RuntimeError: selftest crash" and "selftest.before" in res.figures
 
