@@ -75,17 +75,38 @@ def run_unet_speed(ctx) -> None:
     from cpvs.simulate import simulate
 
     e2e_keys = [f"unet.{k}.{p}" for p in PRECISIONS for k in ("e2e", "t1536", "ratio")]
-    # The plate first: simulate forks its workers before this process touches CUDA.
-    plate = None
     wells, sites = _plate_shape(s.fields)
     n = wells * sites
-    est = n * SIM_CORE_S * (s.size / 998) ** 2 / _workers() * 1.15 + 2
-    if ctx.fits(est, ["unet.plate"] + e2e_keys, f"simulating {n} fields of {s.size}² with {_workers()} workers"):
+    plate_state = {"plate": None, "why": "no plate"}
+
+    def make_plate() -> None:
+        """The simulated plate, on all cores; given up early when it would not leave time to use it. (Forking the
+        renderers after CUDA is up is safe: they never touch CUDA, as with DataLoader workers.)"""
+        workers = _workers()
+        est = n * SIM_CORE_S * (s.size / 998) ** 2 / workers * 1.15 + 2
+        if not ctx.fits(est, ["unet.plate"] + e2e_keys, f"simulating {n} fields of {s.size}² with {workers} workers"):
+            plate_state["why"] = "no plate (its simulation did not fit)"
+            return
         t = time.time()
-        sim = simulate(ctx.work / "speed", plates=1, wells=wells, sites=sites, size=s.size, seed=1, masks=False, workers=_workers())
-        plate = sim.plates[0]
-        ctx.figure("unet.plate", time.time() - t, "s", note=f"{n} fields ({wells} wells x {sites} sites), {_workers()} workers; "
+
+        def progress(stage, done, total, info=""):
+            spent = time.time() - t
+            ahead = spent / max(done, 1) * (total - done)
+            if ctx.left() < 1 or (done >= min(total, 2 * workers) and ahead > ctx.left() - 15):
+                raise _Stop(f"stopped after {done} of {total} fields in {spent:.0f} s: ~{ahead:.0f} s more, "
+                            f"{ctx.left():.0f} s left of the part's cap")
+
+        try:
+            sim = simulate(ctx.work / "speed", plates=1, wells=wells, sites=sites, size=s.size, seed=1, masks=False,
+                           workers=workers, progress=progress)
+        except _Stop as e:
+            ctx.skip(["unet.plate"] + e2e_keys, f"plate simulation {e}")
+            plate_state["why"] = "no plate (its simulation was stopped)"
+            return
+        plate_state["plate"] = sim.plates[0]
+        ctx.figure("unet.plate", time.time() - t, "s", note=f"{n} fields ({wells} wells x {sites} sites), {workers} workers; "
                                                             f"estimated {est:.0f} s")
+
     d = tiny_data(ctx)
     torch, dev = _dev(ctx)
     hp = {"in_channels": 3, "out_channels": 5, "depth": 3 if s.smoke else 6, "width": 8 if s.smoke else 32}
@@ -129,8 +150,9 @@ def run_unet_speed(ctx) -> None:
 
     def end_to_end(p: str) -> None:
         keys = [f"unet.{k}.{p}" for k in ("e2e", "t1536", "ratio")]
+        plate = plate_state["plate"]
         if plate is None:
-            ctx.skip(keys, "no plate (its simulation did not fit)")
+            ctx.skip(keys, plate_state["why"])
             return
         guess = n / max(model_fps.get(f"{p}.eager", 1.0) * E2E_SHARE_GOAL, 1e-6) + (1 if s.smoke else 5)
         if not ctx.fits(min(guess, 30.0), keys, f"predict-plate on {n} fields"):
@@ -178,9 +200,10 @@ def run_unet_speed(ctx) -> None:
         model_only(p, "compile", compiled)
         compile_s = time.time() - t  # a recompile (the other precision) costs about as much
 
-    # Most wanted first, so that a short budget still gets them: the default precision end to end, then compile.
+    # Most wanted first, so that a short budget still gets them: model only, the default precision end to end, compile.
     model_only("bf16", "eager", net)
     model_only("fp32", "eager", net)
+    make_plate()
     end_to_end("bf16")
     compiled_model_only("bf16")
     end_to_end("fp32")
@@ -311,7 +334,7 @@ def _diffusion_e2e(ctx, net, cfg, big: int, eager_ms: float | None) -> None:
     key = f"diff.e2e.b{big}.s50"
     speed_plate = ctx.work / "speed" / "SIM1-P01"
     d = tiny_data(ctx)
-    plate = speed_plate if speed_plate.exists() else d["plate"]
+    plate = speed_plate if (speed_plate / "load_data.csv").exists() else d["plate"]  # written when the plate is complete
     from cpvs.plate import discover_plate
 
     n_plate = len(discover_plate(plate).fields)
