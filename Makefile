@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.cpvs-installed
 PYTHON ?= python3
 
-.PHONY: demo test test-fast lint completions clean
+.PHONY: demo test test-fast lint completions gpu-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ lint: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow"
+
+# Every GPU path of cpvs and the speed table, within GPU_CHECK_ARGS' --budget-minutes (default 8); see README "GPU check".
+# `make test` runs the same suite's CPU smoke mode (tests/test_gpu_suite.py).
+gpu-check: $(STAMP)
+	$(PY) benchmarks/gpu_suite.py $(GPU_CHECK_ARGS)
 
 completions: $(STAMP)
 	$(PY) -m cpvs.cli.completion completions/
