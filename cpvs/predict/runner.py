@@ -1,4 +1,5 @@
-"""``cpvs predict-plate``: a whole plate of brightfield fields -> predicted Cell Painting TIFFs.
+"""``cpvs predict-plate``: a whole plate of brightfield fields -> predicted Cell Painting TIFFs
+(or an OME-Zarr plate).
 
 One path for every model: the checkpoint says its family, which picks the strategy
 (:mod:`cpvs.predict.staining` for the U-Net, cWGAN generator and linear baseline;
@@ -24,7 +25,7 @@ from cpvs.plate.discover import discover_plate
 from cpvs.plate.layout import Plate
 from cpvs.predict import diffusion, staining
 from cpvs.predict.config import BATCH_SIZE, DiffusionOptions, PredictConfig, TileOptions
-from cpvs.predict.plan import FieldWriter, OutputPlan, plan_outputs, write_record
+from cpvs.predict.plan import FORMATS, FieldWriter, OutputPlan, plan_outputs, write_record
 from cpvs.preprocess.apply import FieldNormalizer
 
 Progress = Callable[..., None]
@@ -92,6 +93,8 @@ def predict_plate(cfg: PredictConfig, progress: Progress | None = None) -> Predi
     check_precision(cfg.precision)
     if cfg.dtype not in ("uint16", "float32"):
         raise CpvsError(f"--dtype must be uint16 or float32, got {cfg.dtype!r}")
+    if cfg.format not in FORMATS:
+        raise CpvsError(f"--format must be one of {', '.join(FORMATS)}, got {cfg.format!r}")
     device = resolve_device(cfg.device)
     model = load_model(cfg.checkpoint, device, roles=("staining", "diffusion"), expect=cfg.model)
     _check_options(cfg, model.role)
@@ -100,7 +103,7 @@ def predict_plate(cfg: PredictConfig, progress: Progress | None = None) -> Predi
     plate = discover_plate(cfg.plate, channel_map=cfg.channel_map, channels=ck["inputs"], plate_name=cfg.plate_name,
                            platemap=cfg.platemap, on_error=cfg.on_error)
     out = Path(cfg.out)
-    plan = plan_outputs(plate, out, strategy.written_channels(cfg, ck["outputs"]), cfg.shard)
+    plan = plan_outputs(plate, out, strategy.written_channels(cfg, ck["outputs"]), cfg.shard, cfg.format)
     cache = out / ".cpvs-cache"
     cache.mkdir(exist_ok=True)
     normalizer = FieldNormalizer.for_plate(plate, ck["inputs"], ck["normalization"], cfg.illum_fields, cache, cfg.workers,
