@@ -146,6 +146,7 @@ def test_written_store_follows_the_spec_and_opens_in_ome_zarr_py(sim_root, tmp_p
     assert [np.asarray(d).shape[-1] for d in image.data] == [s[-1] for s in shapes]
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # ome-zarr-py's own default argument
 @pytest.mark.parametrize("version", ["0.4", "0.5"])
 def test_reads_plates_written_by_ome_zarr_py_with_z_planes(version, tmp_path):
     """A plate from another writer: one brightfield channel with three z-planes; the channel map names the planes."""
@@ -179,7 +180,10 @@ def test_reads_plates_written_by_ome_zarr_py_with_z_planes(version, tmp_path):
 
 
 def test_bad_stores_name_the_path_inside_the_store(sim_root, sim_store, tmp_path):
+    from cpvs.embed.run import is_store
+
     convert(sim_root / "SIM3-P01", tmp_path / "p.zarr")
+    assert is_store(sim_store) and not is_store(tmp_path / "p.zarr")  # embed: a training store, or a plate
     # not an HCS plate: a cpvs training store, and a field's image group
     r = cli("preprocess", sim_store, "-o", tmp_path / "x.zarr")
     assert r.exit_code == 2 and "not an OME-Zarr HCS plate" in r.output and "preprocessing store" in r.output
@@ -223,6 +227,28 @@ def _write_fields(args):
 ALL_FIELDS = [(f"{r}{c:02d}", s) for r in "ABC" for c in (1, 2, 3) for s in (1, 2)]
 
 
+def test_a_field_killed_while_writing_is_not_part_of_the_plate(tmp_path, monkeypatch):
+    import cpvs.plate.omezarr_write as ow
+
+    w = PlateStoreWriter(tmp_path / "p.zarr", "P", [("A01", 1), ("A01", 2)], ["DNA"])
+    w.create()
+    w.write_field("A01", 1, np.ones((1, 64, 64), np.uint16))
+    real = ow.write_array
+
+    def dies_at_level_1(path, data, version, dims):
+        if path.name == "1":
+            raise KeyboardInterrupt  # the job is killed after the full-resolution array
+        real(path, data, version, dims)
+
+    monkeypatch.setattr(ow, "write_array", dies_at_level_1)
+    for site in (2, 1):  # a new field, and a finished one being rewritten
+        with pytest.raises(KeyboardInterrupt):
+            w.write_field("A01", site, np.full((1, 64, 64), 7, np.uint16))
+        assert (tmp_path / "p.zarr" / "A" / "1" / str(site - 1) / "0").is_dir() and not w.is_complete("A01", site)
+    with pytest.raises(CpvsError, match="no readable field"):
+        discover_plate(tmp_path / "p.zarr", on_error="skip")
+
+
 def test_concurrent_shards_write_disjoint_fields_of_one_store(tmp_path):
     path = tmp_path / "shared.zarr"
     with mp.get_context("spawn").Pool(3) as pool:
@@ -232,6 +258,34 @@ def test_concurrent_shards_write_disjoint_fields_of_one_store(tmp_path):
     assert len(plate.fields) == len(ALL_FIELDS)
     for f in plate.fields:
         assert read_image(f.files["AGP"])[0, 0] == f.site + 10 * int(f.well[1:])
+
+
+def test_field_writer_puts_uncertainty_maps_in_extra_channels(sim_root, tmp_path):
+    """What a diffusion run with --samples K hands the writer: the same images as TIFFs and in the store."""
+    from cpvs.predict.plan import FieldWriter, plan_outputs
+
+    plate = discover_plate(sim_root / "SIM3-P01", channels=["BF"])
+    outputs = ["DNA", "AGP"]
+    channels = outputs + [f"{c}_std" for c in outputs]
+    norm = {"channel_stats": {"DNA": {"mean": 300.0, "std": 50.0}, "AGP": {"mean": 200.0, "std": 20.0}}, "resize_method": "bilinear"}
+    rng = np.random.default_rng(0)
+    pred, spread = rng.normal(size=(2, 80, 80)).astype(np.float32), rng.random((2, 80, 80)).astype(np.float32)
+    for fmt in ("tiff", "ome-zarr"):
+        plan = plan_outputs(plate, tmp_path / fmt, channels, (1, 6), fmt)
+        assert len(plan.todo) == 2
+        for f in plan.todo:
+            FieldWriter(plan, outputs, norm, "uint16").write(f, (160, 160), pred, spread)
+    with pytest.raises(CpvsError, match="not written, or not finished"):  # 10 fields are not written yet
+        discover_plate(tmp_path / "ome-zarr" / "SIM3-P01.zarr")
+    a, b = discover_plate(tmp_path / "tiff"), discover_plate(tmp_path / "ome-zarr" / "SIM3-P01.zarr", on_error="skip")
+    assert len(b.skipped) == 10
+    assert b.channels == ["DNA", "AGP", "DNA_std", "AGP_std"] == a.channels
+    assert [(f.well, f.site) for f in a.fields] == [(f.well, f.site) for f in b.fields] and len(b.fields) == 2
+    for fa, fb in zip(a.fields, b.fields):
+        for c in channels:
+            np.testing.assert_array_equal(read_image(fa.files[c]), read_image(fb.files[c]))
+    assert read_image(b.fields[0].files["AGP_std"]).max() > 0
+    assert len(plan_outputs(plate, tmp_path / "ome-zarr", channels, (1, 6), "ome-zarr").done) == 2  # resumed
 
 
 @pytest.mark.slow

@@ -299,7 +299,8 @@ def cpvs_attrs(store: Path) -> dict:
 
 
 @lru_cache(maxsize=64)
-def _open(array: Path):
+def _open(array: Path, stamp: int):
+    """An open array; ``stamp`` (its metadata's mtime) makes a rewritten array open anew."""
     import zarr
 
     return zarr.open_array(str(array), mode="r")
@@ -310,7 +311,7 @@ def read_plane(ref: StorePlane) -> np.ndarray:
     if not ref.exists():
         raise CpvsError("image array is missing from the store", ref, "check the plate store, or rerun with --on-error skip")
     try:
-        arr = _open(ref.array)
+        arr = _open(ref.array, ref.metadata_file().stat().st_mtime_ns)
         plane = np.asarray(arr[ref.index + (slice(None), slice(None))])
     except (ValueError, KeyError, IndexError, OSError, RuntimeError) as e:
         _open.cache_clear()

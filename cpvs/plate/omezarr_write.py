@@ -17,6 +17,7 @@ shards writing disjoint fields of one store never touch the same file.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +47,14 @@ def write_group(path: Path, ome: dict, version: str = "0.5", extra: dict | None 
 def _remove_group_metadata(path: Path) -> None:
     for name in ("zarr.json", ".zattrs"):
         (path / name).unlink(missing_ok=True)
+
+
+def _remove_levels(group: Path, keep: int) -> None:
+    """Arrays of levels a rewritten image no longer has (its size changed)."""
+    if group.is_dir():
+        for p in group.iterdir():
+            if p.is_dir() and p.name.isdigit() and int(p.name) >= keep:
+                shutil.rmtree(p)
 
 
 def write_array(path: Path, data: np.ndarray, version: str, dims: tuple[str, ...]) -> None:
@@ -105,11 +114,13 @@ def omero(names: list[str], stack: np.ndarray) -> dict:
     chans = []
     for name, plane in zip(names, stack):
         sample = plane[::4, ::4]
+        sample = sample[np.isfinite(sample)] if not info else sample.ravel()
         lo, hi = (float(v) for v in np.percentile(sample, [0.1, 99.9])) if sample.size else (0.0, 1.0)
         base = name.removesuffix("_std")
         color = COLORS.get(base, "FFFFFF")
         chans.append({"label": name, "color": color, "active": not name.endswith("_std"), "window": {
-            "min": float(info.min) if info else float(sample.min()), "max": float(info.max) if info else float(sample.max()),
+            "min": float(info.min) if info else (float(sample.min()) if sample.size else 0.0),
+            "max": float(info.max) if info else (float(sample.max()) if sample.size else 1.0),
             "start": lo, "end": max(hi, lo + 1e-6)}})
     return {"channels": chans, "rdefs": {"model": "color"}}
 
@@ -132,12 +143,17 @@ class PlateStoreWriter:
         self.cpvs = cpvs or {}
 
     def create(self) -> None:
-        existing = group_attrs(self.path) if self.path.exists() else None
-        if self.path.exists() and any(self.path.iterdir()) and (existing is None or "plate" not in ome_attrs(*existing)):
-            raise CpvsError("the output exists and is not an OME-Zarr plate", self.path, "choose a new output path, or remove it")
-        if existing is not None and existing[1] != (3 if self.version == "0.5" else 2):
-            raise CpvsError(f"the output is an OME-Zarr plate of another version (not {self.version})", self.path,
-                            "write to a new path, or pass the version it has")
+        if self.path.is_dir():  # dot files: another shard's metadata being renamed into place
+            entries = [p for p in self.path.iterdir() if not p.name.startswith(".")]
+            existing = group_attrs(self.path)
+            plate = ome_attrs(*existing).get("plate") if existing else None
+            if entries and plate is None:
+                raise CpvsError("the output exists and is not an OME-Zarr plate", self.path, "choose a new output path, or remove it")
+            if plate is not None and plate.get("name") not in (None, self.name):
+                raise CpvsError(f"the output holds plate {plate.get('name')}, not {self.name}", self.path, "choose a new output path")
+            if existing is not None and existing[1] != (3 if self.version == "0.5" else 2):
+                raise CpvsError(f"the output is an OME-Zarr plate of another version (not {self.version})", self.path,
+                                "write to a new path, or pass the version it has")
         rows = sorted({well_rowcol(w)[0] for w, _ in self.fields})
         cols = sorted({well_rowcol(w)[1] for w, _ in self.fields})
         sites: dict[str, list[int]] = {}
@@ -157,8 +173,11 @@ class PlateStoreWriter:
             write_group(self.path / field_group(w, 1).rsplit("/", 1)[0], {"well": well_meta}, self.version)
 
     def is_complete(self, well: str, site: int) -> bool:
+        """The field's image metadata is there (written last) and names this writer's channels."""
         found = group_attrs(self.path / field_group(well, site))
-        return found is not None and "multiscales" in ome_attrs(*found)
+        ome = ome_attrs(*found) if found else {}
+        labels = [c.get("label") for c in (ome.get("omero") or {}).get("channels", [])]
+        return "multiscales" in ome and labels == self.channels
 
     def write_field(self, well: str, site: int, stack: np.ndarray) -> None:
         """``stack`` (C, H, W) in ``channels`` order: arrays of every level, then the image metadata."""
@@ -167,6 +186,7 @@ class PlateStoreWriter:
         where = self.path / field_group(well, site)
         _remove_group_metadata(where)  # rewriting a field makes it incomplete until it is done
         levels = pyramid(stack)
+        _remove_levels(where, len(levels))
         for k, a in enumerate(levels):
             write_array(where / str(k), a, self.version, ("c", "y", "x"))
         write_group(where, {"multiscales": multiscales(len(levels), ("c", "y", "x"), f"{self.name} {well} site {site}", False,
@@ -185,6 +205,7 @@ def write_labels(image_group: Path, labels: dict[str, np.ndarray]) -> None:
         where = image_group / "labels" / name
         _remove_group_metadata(where)
         levels = pyramid(lab, labels=True)
+        _remove_levels(where, len(levels))
         for k, a in enumerate(levels):
             write_array(where / str(k), a, version, ("y", "x"))
         values = [int(v) for v in np.unique(lab) if v]
