@@ -272,7 +272,7 @@ _cpvs() {
                 --on-error) COMPREPLY=($(compgen -W "raise skip" -- "$cur")); return ;;
             esac
             if [[ "$cur" == -* ]]; then
-                COMPREPLY=($(compgen -W "--out -o --format --ngff-version --channel-map --channels --platemap --plate-name --workers --on-error" -- "$cur"))
+                COMPREPLY=($(compgen -W "--out -o --format --ngff-version --channel-map --channels --platemap --plate-name --validate --no-validate --workers --on-error" -- "$cur"))
             else
                 COMPREPLY=($(compgen -f -- "$cur"))
             fi ;;

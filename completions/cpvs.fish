@@ -229,6 +229,7 @@ complete -c cpvs -n '__fish_seen_subcommand_from convert' -l channel-map -r -d '
 complete -c cpvs -n '__fish_seen_subcommand_from convert' -l channels -r -d 'Comma-separated channels to convert (default all the channel map or the store names)'
 complete -c cpvs -n '__fish_seen_subcommand_from convert' -l platemap -r -F -d 'Platemap CSV/TSV (well -> perturbation, compound, MOA, ...) joined into the outputs (default platemap.csv in the plate folder, if any)'
 complete -c cpvs -n '__fish_seen_subcommand_from convert' -l plate-name -r -d 'Plate name (default from the LoadData CSV, CV8000 file names, OME-Zarr plate metadata, or the folder name)'
+complete -c cpvs -n '__fish_seen_subcommand_from convert' -l validate -l no-validate -d 'Validate the written OME-Zarr plate with ome-zarr-models (about 17 ms per field)'
 complete -c cpvs -n '__fish_seen_subcommand_from convert' -l workers -r -d 'Fields read and written in parallel (threads)'
 complete -c cpvs -n '__fish_seen_subcommand_from convert' -l on-error -r -a 'raise skip' -d 'raise stop at the first bad field; skip leave it out and report it'
 # subcommands: simulate preprocess demo train predict-plate embed profile evaluate convert
