@@ -310,8 +310,10 @@ def test_predict_plate_on_omezarr_equals_the_tiff_run(sim_root, tiny_unet, tmp_p
     # resume and shards (run one after the other here; test_concurrent_shards… runs them at once)
     again = predict_plate(PredictConfig(tmp_path / "in.zarr", tmp_path / "zarr", tiny_unet, format="ome-zarr", **base))
     assert (again.n_written, again.n_resumed) == (0, 12)
-    for i in (1, 2, 3):
-        predict_plate(PredictConfig(src, tmp_path / "sharded", tiny_unet, format="ome-zarr", shard=(i, 3), **base))
+    for i in (1, 2, 3):  # through the CLI
+        r = cli("--device", "cpu", "predict-plate", src, "--checkpoint", tiny_unet, "-o", tmp_path / "sharded", "--format", "ome-zarr",
+                "--shard", f"{i}/3", "--tile", 64, "--stride", 32, "--batch-size", 6)
+        assert r.exit_code == 0 and "4 written" in r.output, r.output
     assert_same_plate(ref, discover_plate(tmp_path / "sharded" / "SIM3-P02.zarr"))
     # evaluate reads both outputs alike
     a, b = evaluate_images(tmp_path / "tiff", src, workers=1), evaluate_images(store, tmp_path / "in.zarr", workers=1)
