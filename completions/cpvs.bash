@@ -11,7 +11,7 @@ _cpvs() {
     done
     case "$cmd" in
         "")
-            COMPREPLY=($(compgen -W "simulate preprocess demo train predict-plate embed profile evaluate --version --quiet -q --device" -- "$cur")) ;;
+            COMPREPLY=($(compgen -W "simulate preprocess demo train predict-plate embed profile evaluate convert --version --quiet -q --device" -- "$cur")) ;;
         simulate)
             case "$prev" in
                 --out|-o) COMPREPLY=($(compgen -f -- "$cur")); return ;;
@@ -140,6 +140,7 @@ _cpvs() {
                 --batch-size) return ;;
                 --precision) COMPREPLY=($(compgen -W "fp32 bf16 fp16" -- "$cur")); return ;;
                 --dtype) COMPREPLY=($(compgen -W "uint16 float32" -- "$cur")); return ;;
+                --format) COMPREPLY=($(compgen -W "tiff ome-zarr" -- "$cur")); return ;;
                 --shard) return ;;
                 --workers) return ;;
                 --illum-fields) return ;;
@@ -158,7 +159,7 @@ _cpvs() {
                 --field-strategy) COMPREPLY=($(compgen -W "resize tiles" -- "$cur")); return ;;
             esac
             if [[ "$cur" == -* ]]; then
-                COMPREPLY=($(compgen -W "--out -o --checkpoint --model --channel-map --platemap --plate-name --batch-size --precision --dtype --shard --workers --illum-fields --on-error --overwrite --tile --stride --stitch --sampler --steps --eta --guidance --classifier --label-col --samples --seed --field-strategy --clip-denoised --no-clip-denoised" -- "$cur"))
+                COMPREPLY=($(compgen -W "--out -o --checkpoint --model --channel-map --platemap --plate-name --batch-size --precision --dtype --format --shard --workers --illum-fields --on-error --overwrite --tile --stride --stitch --sampler --steps --eta --guidance --classifier --label-col --samples --seed --field-strategy --clip-denoised --no-clip-denoised" -- "$cur"))
             else
                 COMPREPLY=($(compgen -f -- "$cur"))
             fi ;;
@@ -199,6 +200,7 @@ _cpvs() {
                 --declump-distance) return ;;
                 --max-cell-distance) return ;;
                 --masks-from) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+                --masks-format) COMPREPLY=($(compgen -W "tiff ome-zarr" -- "$cur")); return ;;
                 --skip) return ;;
                 --illum-size) return ;;
                 --illum-fields) return ;;
@@ -219,7 +221,7 @@ _cpvs() {
                 --outlier-cutoff) return ;;
             esac
             if [[ "$cur" == -* ]]; then
-                COMPREPLY=($(compgen -W "--out -o --channel-map --channels --platemap --plate-name --nuclei-channel --cell-channel --threshold --threshold-correction --cell-threshold-correction --smoothing --min-nucleus-diameter --max-nucleus-diameter --declump-distance --max-cell-distance --keep-border --masks-from --skip --illum-size --illum-fields --workers --shard --single-cells --aggregate --overlays --on-error --overwrite --join --normalize --control-query --by-plate --feature-select --select-ops --features-from --na-cutoff --corr-threshold --freq-cut --unique-cut --outlier-cutoff" -- "$cur"))
+                COMPREPLY=($(compgen -W "--out -o --channel-map --channels --platemap --plate-name --nuclei-channel --cell-channel --threshold --threshold-correction --cell-threshold-correction --smoothing --min-nucleus-diameter --max-nucleus-diameter --declump-distance --max-cell-distance --keep-border --masks-from --masks-format --skip --illum-size --illum-fields --workers --shard --single-cells --aggregate --overlays --on-error --overwrite --join --normalize --control-query --by-plate --feature-select --select-ops --features-from --na-cutoff --corr-threshold --freq-cut --unique-cut --outlier-cutoff" -- "$cur"))
             else
                 COMPREPLY=($(compgen -f -- "$cur"))
             fi ;;
@@ -254,6 +256,23 @@ _cpvs() {
             esac
             if [[ "$cur" == -* ]]; then
                 COMPREPLY=($(compgen -W "--nsc --nscb --target --cpcor --toxicity --active --map --images --fid --truth --truth-plate --pred --out -o --report --json --overwrite --moa-col --compound-col --batch-col --perturbation-cols --target-col --control-col --derive --negative-query --positive-query --aggregate --match-cols --method --k --top-k --rounds --null-size --seed --fid-network --channels --truth-channel-map --truth-illum-size --workers" -- "$cur"))
+            else
+                COMPREPLY=($(compgen -f -- "$cur"))
+            fi ;;
+        convert)
+            case "$prev" in
+                --out|-o) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+                --format) COMPREPLY=($(compgen -W "ome-zarr tiff" -- "$cur")); return ;;
+                --ngff-version) COMPREPLY=($(compgen -W "0.5 0.4" -- "$cur")); return ;;
+                --channel-map) return ;;
+                --channels) return ;;
+                --platemap) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+                --plate-name) return ;;
+                --workers) return ;;
+                --on-error) COMPREPLY=($(compgen -W "raise skip" -- "$cur")); return ;;
+            esac
+            if [[ "$cur" == -* ]]; then
+                COMPREPLY=($(compgen -W "--out -o --format --ngff-version --channel-map --channels --platemap --plate-name --validate --no-validate --workers --on-error" -- "$cur"))
             else
                 COMPREPLY=($(compgen -f -- "$cur"))
             fi ;;

@@ -1,7 +1,8 @@
 """``cpvs demo``: the whole chain built so far, on a small simulated example.
 
 simulate two plates -> preprocess plate 1 -> train a small U-Net and the linear
-baseline on it -> predict plate 2 (another batch) -> image metrics against its
+baseline on it -> predict plate 2 (another batch; the U-Net's prediction as TIFFs and
+as an OME-Zarr plate) -> image metrics against its
 real stains -> profile the real and the predicted plate 2 in the same cells ->
 NSC and target matching on both, feature correlation, an HTML report. Every step
 writes real outputs under the demo folder; rerunning resumes what is there.
@@ -15,12 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import pandas as pd
 
 from cpvs.evaluate.images import evaluate_images
 from cpvs.evaluate.report import build_report
 from cpvs.evaluate.suite import EvalConfig, evaluate_profiles
-from cpvs.plate.discover import discover_plates
+from cpvs.plate.discover import discover_plate, discover_plates
+from cpvs.plate.omezarr_write import validate_store
 from cpvs.plate.tiff import read_image
 from cpvs.predict.runner import PredictConfig, predict_plate
 from cpvs.preprocess.illumination import large_scale_variation
@@ -49,6 +52,14 @@ class DemoSummary:
 # Small enough for a laptop CPU in about a minute; `cpvs train` defaults are the published ones.
 DEMO_UNET = dict(depth=4, width=8, crop=128, batch_size=8, epochs=4, steps_per_epoch=25, pixels=300_000)
 DEMO_SKIP = ("costes", "granularity", "radial_distribution", "radial_zernikes", "zernike")
+
+
+def same_pixels(a: Path, b: Path) -> int:
+    """Fields of two plates (paired by well and site) whose every channel holds the same pixels."""
+    pa, pb = discover_plate(a), discover_plate(b)
+    of = {(f.well, f.site): f for f in pb.fields}
+    return sum(all(np.array_equal(read_image(f.files[c]), read_image(of[(f.well, f.site)].files[c])) for c in pa.channels)
+               for f in pa.fields if (f.well, f.site) in of and pa.channels == pb.channels)
 
 
 def run_demo(
@@ -102,6 +113,16 @@ def run_demo(
             time.perf_counter() - t,
         ))
     summary.evaluations = evals
+
+    # The U-Net's prediction once more, as an OME-Zarr HCS plate (open it in napari: see README).
+    t = time.perf_counter()
+    zpred = predict_plate(PredictConfig(sim.plates[1], out / "pred-unet-zarr", out / "run-unet", device=device, workers=workers,
+                                        batch_size=8, format="ome-zarr"), progress=progress)
+    store = zpred.out / f"{plates[1].name}.zarr"
+    summary.steps.append(Step("unet: predict-plate --format ome-zarr",
+                              f"{store.relative_to(out)}: valid OME-Zarr {validate_store(store)} HCS plate, "
+                              f"{same_pixels(out / 'pred-unet', store)} of {zpred.n_fields} fields identical to the TIFFs",
+                              time.perf_counter() - t))
 
     # Profiles of the real plate 2 and of the U-Net's prediction of it, measured in the same
     # (real) cells; then MOA matching on both and the feature correlation between them.

@@ -73,12 +73,13 @@ def fingerprint(paths: list[Path], sample: int = 64) -> str:
     left out so that a copied plate keeps its fingerprint.
     """
     h = hashlib.sha256()
-    paths = sorted(paths)
+    paths = sorted(paths, key=str)
     h.update(str(len(paths)).encode())
     step = max(1, len(paths) // sample)
     for p in paths[::step]:
-        st = p.stat()
-        h.update(f"{p.name}:{st.st_size}".encode())
+        # A plane inside an OME-Zarr store is known by its array's metadata file.
+        meta = p.metadata_file() if hasattr(p, "metadata_file") else p
+        h.update(f"{p.name}:{meta.stat().st_size}".encode())
     return h.hexdigest()[:16]
 
 

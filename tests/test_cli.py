@@ -14,14 +14,14 @@ from cpvs.plate import write_image
 from conftest import PEDIATRIC_MAP
 
 runner = CliRunner()
-SUBCOMMANDS = ["preprocess", "train", "predict-plate", "embed", "profile", "evaluate", "simulate", "demo"]
+SUBCOMMANDS = ["preprocess", "train", "predict-plate", "embed", "profile", "evaluate", "simulate", "demo", "convert"]
 
 
 def run(*args):
     return runner.invoke(app, [str(a) for a in args], env={"COLUMNS": "200", "NO_COLOR": "1"})
 
 
-def test_help_lists_the_eight_subcommands_and_global_options():
+def test_help_lists_every_subcommand_and_global_options():
     r = run("--help")
     assert r.exit_code == 0
     for cmd in SUBCOMMANDS:
@@ -30,7 +30,7 @@ def test_help_lists_the_eight_subcommands_and_global_options():
         assert opt in r.output
 
 
-@pytest.mark.parametrize("command", ["preprocess", "simulate", "demo"])
+@pytest.mark.parametrize("command", ["preprocess", "simulate", "demo", "convert"])
 def test_every_option_is_documented(command):
     import typer
 

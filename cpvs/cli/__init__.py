@@ -101,6 +101,7 @@ def main_options(
 
 
 def _register() -> None:
+    from cpvs.cli.convert import convert
     from cpvs.cli.demo import demo
     from cpvs.cli.embed import embed
     from cpvs.cli.evaluate import evaluate
@@ -111,7 +112,8 @@ def _register() -> None:
     from cpvs.cli.train import train
 
     for name, fn in (("simulate", simulate), ("preprocess", preprocess), ("demo", demo), ("train", train),
-                     ("predict-plate", predict_plate), ("embed", embed), ("profile", profile), ("evaluate", evaluate)):
+                     ("predict-plate", predict_plate), ("embed", embed), ("profile", profile), ("evaluate", evaluate),
+                     ("convert", convert)):
         app.command(name)(fn)
 
 

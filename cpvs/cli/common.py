@@ -184,9 +184,10 @@ def is_table(path: Path) -> bool:
 # Options that mean the same in every verb that reads plates.
 ChannelMapOpt = Annotated[Optional[str], typer.Option(
     "--channel-map", metavar="MAP", help="Channel numbers -> names: a preset (jump), a .json/.csv/.tsv file, or inline "
-    "'1=BF,2=ER,...' (default: the plate's channel_map.csv, else jump).")]
+    "'1=BF,2=ER,...' (default: the plate's channel_map.csv, else jump; an OME-Zarr plate: its channel labels, a map "
+    "numbering its channel axis from 1).")]
 PlatemapOpt = Annotated[Optional[Path], typer.Option(
     "--platemap", metavar="FILE", help="Platemap CSV/TSV (well -> perturbation, compound, MOA, ...) joined into the outputs "
     "(default: platemap.csv in the plate folder, if any).")]
 PlateNameOpt = Annotated[Optional[str], typer.Option(
-    "--plate-name", metavar="NAME", help="Plate name (default: from the LoadData CSV, CV8000 file names, or the folder name).")]
+    "--plate-name", metavar="NAME", help="Plate name (default: from the LoadData CSV, CV8000 file names, OME-Zarr plate metadata, or the folder name).")]

@@ -24,7 +24,8 @@ def demo(
     """Run the whole chain built so far on a built-in simulated example.
 
     Simulate two plates -> preprocess plate 1 -> train a small U-Net and the per-pixel linear
-    baseline -> predict plate 2 (another batch) -> image metrics against its real stains ->
+    baseline -> predict plate 2 (another batch; the U-Net also as an OME-Zarr plate) -> image
+    metrics against its real stains ->
     profile the real and predicted plate 2 in the same cells -> NSC, target matching and
     feature correlation -> an HTML report.
     """

@@ -15,6 +15,7 @@ P_TILES, P_DIFF = "Tiles (U-Net; diffusion with --field-strategy tiles)", "Diffu
 # Families predict-plate can run: the checkpoint says which it is; --model only checks.
 PredictModel = choices("PredictModel", "unet cwgan linear ddpm")
 OutDtype = choices("OutDtype", "uint16 float32")
+OutFormat = choices("OutFormat", "tiff ome-zarr")
 Sampler = choices("Sampler", "ddpm ddim dpmpp")
 FieldStrategy = choices("FieldStrategy", "resize tiles")
 
@@ -26,7 +27,7 @@ T, D = TileOptions(), DiffusionOptions()
 def predict_plate(
     ctx: typer.Context,
     plate: Annotated[Path, typer.Argument(metavar="PLATE", help="Plate folder or LoadData CSV with the brightfield input planes.")],
-    out: Annotated[Path, typer.Option("--out", "-o", metavar="DIR", help="Folder for the predicted plate (TIFFs, load_data.csv, channel_map.csv).")],
+    out: Annotated[Path, typer.Option("--out", "-o", metavar="DIR", help="Folder for the predicted plate (TIFFs, load_data.csv, channel_map.csv; or PLATE.zarr with --format ome-zarr).")],
     checkpoint: Annotated[Optional[Path], typer.Option(metavar="RUN|FILE", help="Checkpoint file or run folder (its checkpoints/best.pt, else last.pt). It says what model it is.")] = None,
     model: Annotated[Optional[PredictModel], typer.Option(help="Model family the checkpoint must be (a check only: the checkpoint says what it is).")] = None,
     channel_map: ChannelMapOpt = None,
@@ -34,7 +35,8 @@ def predict_plate(
     plate_name: PlateNameOpt = None,
     batch_size: Annotated[Optional[int], typer.Option(help=f"Tiles per model call, tiles of several fields sharing a batch (default {BATCH_SIZE['staining']}); diffusion: fields per call times --samples (default {BATCH_SIZE['diffusion']}).")] = None,
     precision: Annotated[Precision, typer.Option(help="Autocast precision on GPU (the CPU always computes in fp32).")] = Precision("bf16"),
-    dtype: Annotated[OutDtype, typer.Option(help="Output TIFF type: uint16 intensities (clipped to 0..65535) or float32.")] = OutDtype("uint16"),
+    dtype: Annotated[OutDtype, typer.Option(help="Output type: uint16 intensities (clipped to 0..65535) or float32.")] = OutDtype("uint16"),
+    out_format: Annotated[OutFormat, typer.Option("--format", help="tiff: one TIFF per channel and field; ome-zarr: one OME-Zarr 0.5 HCS plate OUT/PLATE.zarr (channels named, <ch>_std maps as extra channels, a pyramid per field).")] = OutFormat("tiff"),
     shard: Annotated[Optional[str], typer.Option(metavar="I/N", help="Process shard I of N (e.g. 2/3): every N-th field from the I-th; for job arrays.")] = None,
     workers: Annotated[int, typer.Option(help="Reader and writer threads each.")] = 2,
     illum_fields: Annotated[int, typer.Option(help="Fields (evenly spaced over the plate) averaged for the input illumination correction.")] = 256,
@@ -62,7 +64,8 @@ def predict_plate(
     covering it. Diffusion (ddpm): whole fields at the training resolution (or tiles), K samples
     with uncertainty maps, optional classifier guidance. Then the normalization is undone and one
     TIFF per channel and field is written with the input plate's naming, plus load_data.csv, so
-    `cpvs profile` or CellProfiler read the result directly. Finished fields are skipped on a
+    `cpvs profile` or CellProfiler read the result directly; or, with --format ome-zarr, one
+    OME-Zarr HCS plate (napari, `cpvs profile OUT` read it). Finished fields are skipped on a
     rerun; --shard splits a plate over a job array (see examples/slurm/).
     """
     from cpvs.plate.shards import Shard
@@ -73,8 +76,9 @@ def predict_plate(
     st = state(ctx)
     cfg = PredictConfig(
         plate=plate, out=out, checkpoint=checkpoint, model=value(model), channel_map=channel_map, platemap=platemap,
-        plate_name=plate_name, device=st.device, precision=precision.value, dtype=dtype.value, shard=Shard.parse(shard),
-        workers=workers, illum_fields=illum_fields, on_error=on_error.value, overwrite=overwrite, batch_size=batch_size, tile=tile, stride=stride,
+        plate_name=plate_name, device=st.device, precision=precision.value, dtype=dtype.value, format=out_format.value, shard=Shard.parse(shard),
+        workers=workers, illum_fields=illum_fields, on_error=on_error.value, overwrite=overwrite, batch_size=batch_size,
+        tile=tile, stride=stride,
         stitch=value(stitch), sampler=value(sampler), steps=steps, eta=eta, clip_denoised=clip_denoised, guidance=guidance,
         classifier=classifier, label_col=label_col, samples=samples, seed=seed, field_strategy=value(field_strategy),
     )

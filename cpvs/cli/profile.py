@@ -7,7 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from cpvs.cli.common import Threshold, NormMethod, ChannelMapOpt, PlatemapOpt, PlateNameOpt, Average, OnError, channels as parse_channels, cli_errors, csv_list, is_table, out_console, progress_bar, state
+from cpvs.cli.common import choices, Threshold, NormMethod, ChannelMapOpt, PlatemapOpt, PlateNameOpt, Average, OnError, channels as parse_channels, cli_errors, csv_list, is_table, out_console, progress_bar, state
+
+MasksFormat = choices("MasksFormat", "tiff ome-zarr")
 
 
 @cli_errors
@@ -30,7 +32,8 @@ def profile(
     declump_distance: Annotated[float, typer.Option(help="Minimum distance between seeds splitting touching nuclei, px.")] = 7.0,
     max_cell_distance: Annotated[float, typer.Option(help="How far a cell may extend from its nucleus, px.")] = 120.0,
     keep_border: Annotated[bool, typer.Option("--keep-border", help="Keep objects touching the field border.")] = False,
-    masks_from: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Reuse masks instead of segmenting: a `cpvs profile` output folder (or a folder of WELL_sSITE_nuclei/cells.tiff).")] = None,
+    masks_from: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Reuse masks instead of segmenting: a `cpvs profile` output folder (or a folder of WELL_sSITE_nuclei/cells.tiff), or an OME-Zarr plate with NGFF labels.")] = None,
+    masks_format: Annotated[MasksFormat, typer.Option(help="tiff: OUT/masks/<plate>/WELL_sSITE_nuclei|cells.tiff; ome-zarr: NGFF labels (nuclei, cells) inside the OME-Zarr plate itself, next to its images.")] = MasksFormat("tiff"),
     skip: Annotated[Optional[str], typer.Option(metavar="MODULE,...", help="Comma-separated modules to skip: intensity, sizeshape, zernike, feret, texture, granularity, radial_distribution, radial_zernikes, correlation, costes, neighbors.")] = None,
     illum_size: Annotated[int, typer.Option(help="Illumination correction median filter size, px (0 disables).")] = 249,
     illum_fields: Annotated[int, typer.Option(help="Fields (evenly spaced) averaged for the illumination function.")] = 256,
@@ -88,7 +91,7 @@ def profile(
     results = []
     for plate in inputs:
         cfg = ProfileConfig(plate=plate, out=out, channel_map=channel_map, channels=parse_channels(channels), platemap=platemap,
-                            plate_name=plate_name, segment=seg, masks_from=masks_from, skip=tuple(csv_list(skip)),
+                            plate_name=plate_name, segment=seg, masks_from=masks_from, masks_format=masks_format.value, skip=tuple(csv_list(skip)),
                             illum_size=illum_size, illum_fields=illum_fields, workers=workers, shard=Shard.parse(shard),
                             single_cells=single_cells, aggregate=aggregate.value, overlays=overlays, on_error=on_error.value,
                             overwrite=overwrite)

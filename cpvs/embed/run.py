@@ -20,7 +20,7 @@ Progress = Callable[..., None]
 
 @dataclass
 class EmbedConfig:
-    source: Path  # a plate folder / LoadData CSV, or a store of `cpvs preprocess`
+    source: Path  # a plate folder / LoadData CSV / OME-Zarr plate, or a store of `cpvs preprocess`
     checkpoint: Path
     out: Path  # the field table; _well and _perturbation tables go beside it
     channels: list[str] | None = None  # default: every channel of the checkpoint
@@ -48,7 +48,10 @@ class EmbedResult:
 
 
 def is_store(path: Path) -> bool:
-    return path.is_dir() and (path / "zarr.json").exists()
+    """A store of `cpvs preprocess` (a Zarr group too, but not an OME-Zarr plate, which is a plate)."""
+    from cpvs.plate.omezarr import is_plate_store
+
+    return path.is_dir() and (path / "zarr.json").exists() and not is_plate_store(path)
 
 
 def embed(cfg: EmbedConfig, progress: Progress | None = None) -> EmbedResult:

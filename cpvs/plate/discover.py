@@ -10,6 +10,7 @@ from cpvs.plate.channels import ChannelMap, load_channel_map, order_channels
 from cpvs.plate.layout import Field, Plate
 from cpvs.plate.loaddata import is_load_data, read_load_data
 from cpvs.plate.naming import SCHEMES, ParsedName, phenix_name
+from cpvs.plate.omezarr import is_zarr_group, plate_stores, read_plate_store
 from cpvs.plate.platemap import find_platemap, join_platemap
 
 LOAD_DATA_NAMES = ("load_data.csv", "loaddata.csv", "load_data.tsv")
@@ -55,14 +56,17 @@ def discover_plates(
     plate_name: str | None = None,
     platemap: str | Path | None = None,
     on_error: str = "raise",
+    level: int = 0,
 ) -> list[Plate]:
-    """The plates at ``path``: a plate folder (Phenix/CV8000 names, or a LoadData CSV in it)
-    or a LoadData CSV file.
+    """The plates at ``path``: a plate folder (Phenix/CV8000 names, or a LoadData CSV in it),
+    a LoadData CSV file, an OME-Zarr HCS plate (:mod:`cpvs.plate.omezarr`; ``level``: its
+    resolution level, 0 = full), or a folder holding OME-Zarr plates and no TIFFs.
 
     ``channels`` selects and orders channels by name (default: all the map names).
     A platemap is joined from ``platemap`` or, when absent, from ``platemap.csv`` in
-    the plate folder. ``on_error='skip'`` drops fields with missing files or no
-    platemap row and records them in ``Plate.skipped`` instead of stopping.
+    the plate folder (or the one an OME-Zarr plate carries). ``on_error='skip'`` drops
+    fields with missing files or no platemap row and records them in ``Plate.skipped``
+    instead of stopping.
     """
     path = Path(path)
     if not path.exists():
@@ -70,19 +74,26 @@ def discover_plates(
     if path.is_file():
         plates = read_load_data(path, channels)
         folder = path.parent
+    elif is_zarr_group(path):
+        plates = [read_plate_store(path, channel_map, channels, plate_name, on_error, level)]
+        folder = None
     else:
         folder = path
-        plates = _discover_folder(path, channel_map, channels, plate_name, on_error)
+        stores = plate_stores(path) if not _image_files(path) and _find_load_data(path) is None else []
+        plates = ([read_plate_store(s, channel_map, channels, None, on_error, level) for s in stores] if stores
+                  else _discover_folder(path, channel_map, channels, plate_name, on_error))
     if plate_name and len(plates) == 1:
         old = plates[0].name
         plates[0].name = plate_name
         for f in plates[0].fields:
             f.plate = plate_name
         del old
-    pm = Path(platemap) if platemap else find_platemap(folder)
+    pm = Path(platemap) if platemap else (find_platemap(folder) if folder else None)
     for p in plates:
         if pm is not None:
             join_platemap(p, pm, on_error)
+        elif p.platemap is not None:  # an OME-Zarr plate's own platemap
+            join_platemap(p, p.root / p.platemap[0], on_error, text=p.platemap[1])
         if not p.fields:
             raise CpvsError(f"no usable fields left in plate {p.name}", path, "see the skipped fields in the run folder")
     return plates

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Callable
 
+from cpvs.plate.channels import ChannelMap
+from cpvs.plate.layout import Field
 from cpvs.plate.wells import normalize_well, well_name
 
 PHENIX = re.compile(r"^r(\d{2})c(\d{2})f(\d{2,3})p(\d{2})-ch(\d+)sk(\d+)fk(\d+)fl(\d+)\.tiff?$", re.IGNORECASE)
@@ -55,3 +58,21 @@ def phenix_name(well: str, site: int, channel: int, plane: int = 1) -> str:
 
 
 SCHEMES = {"phenix": parse_phenix, "cv8000": parse_cv8000}
+
+NameOf = Callable[[Field, str], str]
+
+
+def tiff_names(layout: str, channel_map: ChannelMap | None, channels: list[str]) -> tuple[NameOf, ChannelMap | None]:
+    """File names of a plate cpvs writes as TIFFs: Phenix names with the source's channel (and
+    plane) numbers when the source was a Phenix plate with a channel map (new numbers after the
+    map's for channels it does not name), else ``PLATE_WELL_sSITE_CH.tiff``; and the channel map
+    that reads the Phenix names back (None for the others, which a LoadData CSV describes)."""
+    if layout == "phenix" and channel_map is not None:
+        numbers = {name: key for key, name in channel_map.entries}
+        nxt = max([ch for (ch, _), _ in channel_map.entries] + [0]) + 1
+        for c in channels:
+            if c not in numbers:
+                numbers[c], nxt = (nxt, None), nxt + 1
+        cmap = ChannelMap(tuple((numbers[c], c) for c in channels), "written plate")
+        return (lambda f, c: phenix_name(f.well, f.site, numbers[c][0], numbers[c][1] or 1)), cmap
+    return (lambda f, c: f"{f.plate}_{f.well}_s{f.site}_{c}.tiff"), None

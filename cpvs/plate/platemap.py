@@ -7,6 +7,7 @@ everything else is kept as ``Metadata_<column>``.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import pandas as pd
@@ -44,15 +45,19 @@ def find_platemap(folder: Path) -> Path | None:
     return None
 
 
-def read_platemap(path: str | Path) -> pd.DataFrame:
+def read_platemap(path: str | Path, text: str | None = None) -> pd.DataFrame:
     """A platemap as a DataFrame with ``Metadata_Well`` (A01 style), optional
-    ``Metadata_Plate``, and ``Metadata_`` annotation columns."""
+    ``Metadata_Plate``, and ``Metadata_`` annotation columns.
+
+    ``text``: the platemap's contents when they do not come from the file at ``path`` (an
+    OME-Zarr plate keeps its platemap in its attributes); ``path`` then names it in messages.
+    """
     path = Path(path)
-    if not path.exists():
+    if text is None and not path.exists():
         raise CpvsError("platemap not found", path)
     sep = "\t" if path.suffix.lower() in {".tsv", ".txt"} else ","
     try:
-        df = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False)
+        df = pd.read_csv(path if text is None else io.StringIO(text), sep=sep, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as e:
         raise CpvsError(f"cannot parse platemap ({e})", path) from None
     lower = {c.lower(): c for c in df.columns}
@@ -90,14 +95,19 @@ def read_platemap(path: str | Path) -> pd.DataFrame:
     return out
 
 
-def join_platemap(plate: Plate, path: str | Path, on_error: str = "raise") -> Plate:
+def join_platemap(plate: Plate, path: str | Path, on_error: str = "raise", text: str | None = None) -> Plate:
     """Attach platemap rows to the plate's fields (``plate.metadata``).
 
     Fields whose well the platemap lacks stop the run (``on_error='raise'``) or
-    are dropped and recorded in ``plate.skipped`` (``'skip'``).
+    are dropped and recorded in ``plate.skipped`` (``'skip'``). ``text``: see :func:`read_platemap`.
     """
     path = Path(path)
-    pm = read_platemap(path)
+    if text is None and path.exists():
+        try:
+            text = path.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise CpvsError(f"cannot parse platemap ({e})", path) from None
+    pm = read_platemap(path, text)
     if "Metadata_Plate" in pm.columns:
         sub = pm[pm["Metadata_Plate"] == plate.name]
         if sub.empty:
@@ -122,5 +132,6 @@ def join_platemap(plate: Plate, path: str | Path, on_error: str = "raise") -> Pl
             plate.skipped.append({"field": f.key, "reason": f"well {f.well} not in platemap {path}"})
     plate.drop_fields(keep)
     plate.metadata = rows.loc[[f.well for f in plate.fields]].reset_index(drop=True)
-    plate.platemap_path = path
+    plate.platemap_path = path if path.exists() else None
+    plate.platemap = (path.name, text) if text is not None else None
     return plate

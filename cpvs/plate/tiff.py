@@ -9,6 +9,7 @@ import numpy as np
 import tifffile
 
 from cpvs.errors import CpvsError
+from cpvs.plate.layout import ImageRef, StorePlane
 from cpvs.runinfo import atomic_path
 
 # tifffile logs damaged headers as warnings and returns empty arrays; cpvs reports
@@ -17,11 +18,16 @@ logging.getLogger("tifffile").setLevel(logging.ERROR)
 _CORRUPT_HINT = "re-export or re-copy the file, or rerun with --on-error skip"
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """One 2-D image (H, W) from a TIFF, in its stored dtype.
+def read_image(path: str | ImageRef) -> np.ndarray:
+    """One 2-D image (H, W) from a TIFF, or from an OME-Zarr store (a :class:`StorePlane`),
+    in its stored dtype.
 
     LZW/Deflate/Zstd compressed files (Phenix exports) need ``imagecodecs``.
     """
+    if isinstance(path, StorePlane):
+        from cpvs.plate.omezarr import read_plane
+
+        return read_plane(path)
     path = Path(path)
     if not path.exists():
         raise CpvsError("image file is missing", path, "check the plate folder or the LoadData CSV that names it")

@@ -51,6 +51,7 @@ class PredictConfig:
     device: str = "auto"
     precision: str = "bf16"
     dtype: str = "uint16"
+    format: str = "tiff"  # tiff | ome-zarr (OUT/PLATE.zarr)
     shard: tuple[int, int] = (1, 1)
     workers: int = 2
     illum_fields: int = 256

@@ -2,8 +2,10 @@
 finished and remaining fields of this shard), the plate files beside the TIFFs, writing a
 field's normalized prediction as intensities, and the run record.
 
-Every file is written under a temporary name and renamed; a field is finished when all its
-channel files exist, so a rerun skips it.
+TIFF output: every file is written under a temporary name and renamed; a field is finished
+when all its channel files exist, so a rerun skips it. OME-Zarr output (``OUT/PLATE.zarr``):
+a field is finished when its image metadata exists, written after its arrays
+(:mod:`cpvs.plate.omezarr_write`); shards write disjoint fields of the one store.
 """
 
 from __future__ import annotations
@@ -18,27 +20,21 @@ from cpvs.plate.channels import ChannelMap
 from cpvs.plate.discover import CHANNEL_MAP_NAME
 from cpvs.plate.layout import Field, Plate
 from cpvs.plate.loaddata import write_load_data
-from cpvs.plate.naming import phenix_name
+from cpvs.plate.naming import tiff_names
+from cpvs.plate.omezarr_write import PlateStoreWriter
 from cpvs.plate.shards import Shard
 from cpvs.plate.tiff import write_image
 from cpvs.preprocess.normalize import resize_image
 from cpvs.runinfo import atomic_path, plain, write_run_record
 
 NameOf = Callable[[Field, str], str]
+FORMATS = ("tiff", "ome-zarr")
 
 
 def output_names(plate: Plate, channels: list[str]) -> tuple[NameOf, ChannelMap | None]:
     """File naming of the predicted plate: the input's Phenix numbering where the input
     map names a channel (new numbers after it otherwise), else ``PLATE_WELL_sSITE_CH.tiff``."""
-    if plate.layout == "phenix" and plate.channel_map is not None:
-        numbers = {name: ch for (ch, _), name in plate.channel_map.entries}
-        nxt = max([ch for (ch, _), _ in plate.channel_map.entries] + [0]) + 1
-        for c in channels:
-            if c not in numbers:
-                numbers[c], nxt = nxt, nxt + 1
-        cmap = ChannelMap(tuple(((numbers[c], None), c) for c in channels), "predicted plate")
-        return (lambda f, c: phenix_name(f.well, f.site, numbers[c])), cmap
-    return (lambda f, c: f"{f.plate}_{f.well}_s{f.site}_{c}.tiff"), None
+    return tiff_names(plate.layout, plate.channel_map, channels)
 
 
 @dataclass
@@ -48,18 +44,33 @@ class OutputPlan:
     fields: list[Field]  # this shard's
     done: list[Field]
     todo: list[Field]
+    channels: list[str] | None = None  # every image a field gets, in order
+    store: PlateStoreWriter | None = None  # OME-Zarr output
 
 
-def plan_outputs(plate: Plate, out: Path, channels: list[str], shard: tuple[int, int]) -> OutputPlan:
-    """Prepare a predicted plate's folder for ``channels`` (every file a field gets). Writes
-    load_data.csv, channel_map.csv and the platemap, the same for every shard."""
+def platemap_attrs(plate: Plate) -> dict:
+    """What a plate store keeps of its source for cpvs: the platemap, so its fields keep their metadata."""
+    return {"platemap": {"name": plate.platemap[0], "text": plate.platemap[1]}} if plate.platemap else {}
+
+
+def plan_outputs(plate: Plate, out: Path, channels: list[str], shard: tuple[int, int], fmt: str = "tiff") -> OutputPlan:
+    """Prepare a predicted plate's folder for ``channels`` (every image a field gets): TIFFs plus
+    load_data.csv, channel_map.csv and the platemap, or the OME-Zarr plate ``OUT/PLATE.zarr``
+    (its plate and well metadata); the same for every shard."""
     out.mkdir(parents=True, exist_ok=True)
     name_of, out_map = output_names(plate, channels)
     mine = Shard(*shard).select(plate.fields)
-    done = [f for f in mine if all((out / name_of(f, c)).exists() for c in channels)]
+    if fmt == "ome-zarr":
+        store = PlateStoreWriter(out / f"{plate.name}.zarr", plate.name, [(f.well, f.site) for f in plate.fields], channels,
+                                 cpvs=platemap_attrs(plate))
+        store.create()
+        done = [f for f in mine if store.is_complete(f.well, f.site)]
+    else:
+        store = None
+        done = [f for f in mine if all((out / name_of(f, c)).exists() for c in channels)]
+        _write_plate_files(plate, out, channels, name_of, out_map)
     todo = [f for f in mine if f not in done]
-    _write_plate_files(plate, out, channels, name_of, out_map)
-    return OutputPlan(out, name_of, mine, done, todo)
+    return OutputPlan(out, name_of, mine, done, todo, list(channels), store)
 
 
 def _write_plate_files(plate: Plate, out: Path, outputs: list[str], name_of: NameOf, out_map: ChannelMap | None) -> None:
@@ -72,9 +83,9 @@ def _write_plate_files(plate: Plate, out: Path, outputs: list[str], name_of: Nam
     if out_map is not None:
         with atomic_path(out / CHANNEL_MAP_NAME) as tmp:
             tmp.write_text("channel,name\n" + "".join(f"{k},{v}\n" for k, v in out_map.to_dict().items()))
-    if plate.platemap_path is not None:
-        with atomic_path(out / f"platemap{Path(plate.platemap_path).suffix}") as tmp:
-            tmp.write_text(Path(plate.platemap_path).read_text())
+    if plate.platemap is not None:
+        with atomic_path(out / f"platemap{Path(plate.platemap[0]).suffix}") as tmp:
+            tmp.write_text(plate.platemap[1])
 
 
 class FieldWriter:
@@ -90,6 +101,7 @@ class FieldWriter:
     def write(self, f: Field, native: tuple[int, int], pred: np.ndarray, spread: np.ndarray | None = None) -> None:
         """``pred`` (C, h, w): the prediction; ``spread`` (C, h, w): its per-pixel std over samples,
         written as ``<channel>_std`` in intensity units."""
+        images: dict[str, np.ndarray] = {}
         for arr, is_std in ((pred, False), (spread, True)):
             if arr is None:
                 continue
@@ -98,8 +110,12 @@ class FieldWriter:
             img = arr * self.std if is_std else arr * self.std + self.mean
             for c, ch in enumerate(self.outputs):
                 name = f"{ch}_std" if is_std else ch
-                a = np.clip(np.rint(img[c]), 0, 65535).astype(np.uint16) if self.dtype == "uint16" else img[c].astype(np.float32)
-                write_image(self.plan.out / self.plan.name_of(f, name), a)
+                images[name] = np.clip(np.rint(img[c]), 0, 65535).astype(np.uint16) if self.dtype == "uint16" else img[c].astype(np.float32)
+        if self.plan.store is not None:
+            self.plan.store.write_field(f.well, f.site, np.stack([images[c] for c in self.plan.channels]))
+            return
+        for name, a in images.items():
+            write_image(self.plan.out / self.plan.name_of(f, name), a)
 
 
 def write_record(cfg, plan: OutputPlan, checkpoint: str, **extra) -> Path:

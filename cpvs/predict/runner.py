@@ -1,4 +1,5 @@
-"""``cpvs predict-plate``: a whole plate of brightfield fields -> predicted Cell Painting TIFFs.
+"""``cpvs predict-plate``: a whole plate of brightfield fields -> predicted Cell Painting TIFFs
+(or an OME-Zarr plate).
 
 One path for every model: the checkpoint says its family, which picks the strategy
 (:mod:`cpvs.predict.staining` for the U-Net, cWGAN generator and linear baseline;
@@ -25,7 +26,7 @@ from cpvs.plate.discover import discover_plate
 from cpvs.plate.layout import Plate
 from cpvs.predict import diffusion, staining
 from cpvs.predict.config import BATCH_SIZE, DiffusionOptions, PredictConfig, TileOptions
-from cpvs.predict.plan import FieldWriter, OutputPlan, plan_outputs, write_record
+from cpvs.predict.plan import FORMATS, FieldWriter, OutputPlan, plan_outputs, write_record
 from cpvs.preprocess.apply import FieldNormalizer
 from cpvs.runinfo import file_digest, fingerprint
 
@@ -94,6 +95,8 @@ def predict_plate(cfg: PredictConfig, progress: Progress | None = None) -> Predi
     check_precision(cfg.precision)
     if cfg.dtype not in ("uint16", "float32"):
         raise CpvsError(f"--dtype must be uint16 or float32, got {cfg.dtype!r}")
+    if cfg.format not in FORMATS:
+        raise CpvsError(f"--format must be one of {', '.join(FORMATS)}, got {cfg.format!r}")
     device = resolve_device(cfg.device)
     model = load_model(cfg.checkpoint, device, roles=("staining", "diffusion"), expect=cfg.model)
     _check_options(cfg, model.role)
@@ -106,7 +109,7 @@ def predict_plate(cfg: PredictConfig, progress: Progress | None = None) -> Predi
         if cfg.overwrite:
             clear_outputs(out)
         claim_identity(out, "predict-plate", identity(cfg, model, plate), cfg.overwrite)
-        plan = plan_outputs(plate, out, strategy.written_channels(cfg, ck["outputs"]), cfg.shard)
+        plan = plan_outputs(plate, out, strategy.written_channels(cfg, ck["outputs"]), cfg.shard, cfg.format)
         cache = out / ".cpvs-cache"
         cache.mkdir(exist_ok=True)
         normalizer = FieldNormalizer.for_plate(plate, ck["inputs"], ck["normalization"], cfg.illum_fields, cache, cfg.workers,
@@ -127,5 +130,5 @@ def identity(cfg: PredictConfig, model: LoadedModel, plate: Plate) -> dict:
     return {"checkpoint": file_digest(model.path), "family": model.family, "plate": plate.name,
             "input_files": fingerprint([p for f in plate.fields for p in f.files.values()]),
             "channel_map": cfg.channel_map, "platemap": str(cfg.platemap) if cfg.platemap else None,
-            "illum_fields": cfg.illum_fields, "precision": cfg.precision, "dtype": cfg.dtype,
+            "illum_fields": cfg.illum_fields, "precision": cfg.precision, "dtype": cfg.dtype, "format": cfg.format,
             **{k: str(v) if isinstance(v, Path) else v for k, v in opts.items()}}

@@ -30,6 +30,8 @@ from cpvs.jobs import OutputLock, claim_identity, clear_outputs, process_pool
 from cpvs.plate.channels import is_brightfield
 from cpvs.plate.discover import discover_plate
 from cpvs.plate.layout import Field, Plate
+from cpvs.plate.omezarr import is_plate_store, label_plane
+from cpvs.plate.omezarr_write import write_field_labels
 from cpvs.plate.shards import Shard
 from cpvs.plate.tiff import read_image, write_image
 from cpvs.preprocess.illumination import plate_illumination
@@ -54,6 +56,7 @@ class ProfileConfig:
     plate_name: str | None = None
     segment: SegmentParams = field(default_factory=SegmentParams)
     masks_from: Path | None = None
+    masks_format: str = "tiff"  # tiff: OUT/masks/<plate>/; ome-zarr: NGFF labels in the (OME-Zarr) plate's own store
     skip: tuple[str, ...] = ()
     illum_size: int = 249
     illum_fields: int = 256
@@ -93,8 +96,10 @@ def mask_name(f: Field, kind: str) -> str:
 
 def find_masks(folder: Path, f: Field) -> tuple[Path, Path]:
     """Nuclei and cell label images of field ``f`` under ``folder``: a ``cpvs profile`` output
-    (``masks/<plate>/``), a folder of ``<plate>/`` sub-folders, or the files themselves
-    (e.g. ``cpvs simulate``'s ground-truth ``masks/``)."""
+    (``masks/<plate>/``), a folder of ``<plate>/`` sub-folders, the files themselves
+    (e.g. ``cpvs simulate``'s ground-truth ``masks/``), or an OME-Zarr plate's NGFF labels."""
+    if is_plate_store(folder):
+        return label_plane(folder, f.well, f.site, "nuclei"), label_plane(folder, f.well, f.site, "cells")  # type: ignore[return-value]
     for base in (folder / "masks" / f.plate, folder / f.plate, folder / "masks", folder):
         paths = tuple(base / mask_name(f, k) for k in MASK_KINDS)
         if all(p.exists() for p in paths):
@@ -155,9 +160,12 @@ def _field_job(job: tuple) -> tuple[str, int, str | None]:
                 raise CpvsError(f"masks are {masks.cells.shape}, the field {shape}", find_masks(Path(cfg.masks_from), f)[1])
         else:
             masks = segment_field(images, cfg.segment)
-            mdir = Path(cfg.out) / "masks" / f.plate
-            write_image(mdir / mask_name(f, "nuclei"), masks.nuclei.astype(np.uint32), compression="zlib")
-            write_image(mdir / mask_name(f, "cells"), masks.cells.astype(np.uint32), compression="zlib")
+            if cfg.masks_format == "ome-zarr":
+                write_field_labels(f, {"nuclei": masks.nuclei.astype(np.uint32), "cells": masks.cells.astype(np.uint32)})
+            else:
+                mdir = Path(cfg.out) / "masks" / f.plate
+                write_image(mdir / mask_name(f, "nuclei"), masks.nuclei.astype(np.uint32), compression="zlib")
+                write_image(mdir / mask_name(f, "cells"), masks.cells.astype(np.uint32), compression="zlib")
         table = measure_field(images, masks, measure_channels, cfg.skip)
         table.insert(0, "Metadata_Site", f.site)
         table.insert(0, "Metadata_Well", f.well)
@@ -199,6 +207,11 @@ def profile_plate(cfg: ProfileConfig, progress: Progress | None = None) -> Profi
     plate = discover_plate(cfg.plate, channel_map=cfg.channel_map, plate_name=cfg.plate_name, platemap=cfg.platemap,
                            on_error=cfg.on_error)
     read, measure = _read_channels(plate, cfg)
+    if cfg.masks_format not in ("tiff", "ome-zarr"):
+        raise CpvsError(f"--masks-format must be tiff or ome-zarr, got {cfg.masks_format!r}")
+    if cfg.masks_format == "ome-zarr" and plate.layout != "ome-zarr":
+        raise CpvsError("--masks-format ome-zarr writes NGFF labels into the plate's own OME-Zarr store; this plate is TIFFs",
+                        cfg.plate, "convert it first (`cpvs convert PLATE -o plate.zarr`), or use --masks-format tiff")
     out = Path(cfg.out)
     with OutputLock(out, "profile", cfg.shard, name=plate.name):
         if cfg.overwrite:
