@@ -44,7 +44,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
                 return cand
         raise CpvsError("run folder has no checkpoints/best.pt or last.pt", path, "pass a checkpoint file or a finished run folder")
     if not path.exists():
-        raise CpvsError("checkpoint not found", path)
+        raise CpvsError("checkpoint not found", path, HINT)
     return path
 
 

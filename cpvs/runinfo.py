@@ -79,7 +79,8 @@ def fingerprint(paths: list[Path], sample: int = 64) -> str:
     for p in paths[::step]:
         # A plane inside an OME-Zarr store is known by its array's metadata file.
         meta = p.metadata_file() if hasattr(p, "metadata_file") else p
-        h.update(f"{p.name}:{meta.stat().st_size}".encode())
+        size = meta.stat().st_size if meta.exists() else -1  # a missing file is reported by the reader, with its fix
+        h.update(f"{p.name}:{size}".encode())
     return h.hexdigest()[:16]
 
 

@@ -22,7 +22,7 @@ def read_table(path: str | Path) -> pd.DataFrame:
     """A CSV (optionally gzipped), TSV or Parquet table."""
     path = Path(path)
     if not path.exists():
-        raise CpvsError("profile table not found", path)
+        raise CpvsError("profile table not found", path, "check the path (CSV, TSV or Parquet)")
     name = path.name.lower()
     try:
         if name.endswith(".parquet") or name.endswith(".pq"):
@@ -35,7 +35,7 @@ def read_table(path: str | Path) -> pd.DataFrame:
         raise CpvsError(f"cannot read the table ({type(e).__name__}: {str(e).splitlines()[0][:200]})", path,
                         "pass a CSV, TSV or Parquet file") from None
     if df.empty:
-        raise CpvsError("the table has no rows", path)
+        raise CpvsError("the table has no rows", path, "pass a table with one row per image, well or perturbation")
     return df
 
 
@@ -143,7 +143,8 @@ def query_mask(df: pd.DataFrame, expr: str, option: str, source=None) -> np.ndar
     except Exception as e:  # pandas raises UndefinedVariableError, SyntaxError, ...
         meta = [c for c in df.columns if is_metadata(c)]
         raise CpvsError(f"{option} {expr!r} failed ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
-                        f"metadata columns are: {', '.join(meta)}", source) from None
+                        f"metadata columns are: {', '.join(meta)}", source,
+                        "write the query with those column names, e.g. \"Metadata_ControlType == 'negcon'\"") from None
     mask = np.asarray(mask, dtype=bool)
     if mask.shape != (len(df),):
         raise CpvsError(f"{option} {expr!r} is not a row condition", source)

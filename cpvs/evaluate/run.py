@@ -49,9 +49,9 @@ def identity(req: EvaluateRequest) -> dict:
     d = {k: v for k, v in asdict(req).items() if k not in ("workers", "device", "out", "report", "overwrite", "profile")}
     if req.profile is not None:
         d["profile"] = asdict(req.profile)
-        d["profiles_digest"] = file_digest(req.profile.profiles)
-        if req.profile.truth is not None:
-            d["truth_digest"] = file_digest(req.profile.truth)
+        for key, path in (("profiles_digest", req.profile.profiles), ("truth_digest", req.profile.truth)):
+            if path is not None and Path(path).is_file():  # a missing table is reported when it is read
+                d[key] = file_digest(path)
     for key in ("pred", "truth_plate"):
         folder = getattr(req, key)
         if folder is not None and Path(folder).is_dir():

@@ -71,7 +71,8 @@ def _prepare(path: Path, cfg: EvalConfig) -> tuple[pd.DataFrame, list[str]]:
     if missing:
         raise CpvsError(f"feature column(s) {', '.join(missing[:5])} not in the table", path)
     if not feats:
-        raise CpvsError("the table has no numeric feature columns besides Metadata_ ones", path)
+        raise CpvsError("the table has no numeric feature columns besides Metadata_ ones", path,
+                        "pass a profile table (features as numeric columns, metadata as Metadata_ columns)")
     return df, feats
 
 
@@ -100,6 +101,10 @@ def evaluate_profiles(cfg: EvalConfig) -> EvalResults:
 
     if cfg.nsc or cfg.nscb or cfg.target or cfg.map:
         use = clean_features(df[~negative], feats)
+        if not use:
+            raise CpvsError(f"none of the {len(feats)} features is finite and varying over the treatments (NaN, Inf or constant)",
+                            src, "check the feature columns of the table, e.g. normalize it first with "
+                            "`cpvs profile TABLE --normalize mad_robustize -o OUT`")
         dropped = len(feats) - len(use)
         if dropped:
             res.notes.append(f"{dropped} feature(s) with NaN/infinite or constant values left out of distances")

@@ -40,7 +40,8 @@ def canonical_channel(name: str) -> str:
         name = name[4:]
     canon = _ALIASES.get(name.lower(), name)
     if not _NAME.match(canon):
-        raise CpvsError(f"not a usable channel name: {name!r} (letters, digits and _ only, starting with a letter)")
+        raise CpvsError(f"not a usable channel name: {name!r} (letters, digits and _ only, starting with a letter)",
+                        hint="name channels like DNA, ER, RNA, AGP, Mito, BF; inline maps look like '1=BF,2=ER,5=DNA'")
     return canon
 
 
@@ -78,7 +79,8 @@ class ChannelMap:
         names = [n for _, n in self.entries]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
-            raise CpvsError(f"channel map {self.source} gives the name(s) {', '.join(dup)} to more than one channel")
+            raise CpvsError(f"channel map {self.source} gives the name(s) {', '.join(dup)} to more than one channel",
+                            hint="give every channel number its own name")
 
     @property
     def names(self) -> list[str]:
@@ -104,16 +106,20 @@ def _parse_key(text: str, source: str) -> Key:
     t = text.strip().lower().removeprefix("ch")
     m = re.match(r"^(\d+)(?:\s*[:p]\s*(\d+))?$", t)
     if not m:
-        raise CpvsError(
-            f"channel map {source}: {text!r} is not a channel number (use '5', 'ch5', or '1:2' for channel 1 plane 2)"
-        )
+        raise CpvsError(f"channel map {source}: {text!r} is not a channel number",
+                        hint="use '5', 'ch5', or '1:2' for channel 1 plane 2, e.g. '1=BF,2=ER,5=DNA'")
     return int(m.group(1)), (int(m.group(2)) if m.group(2) else None)
 
 
 def channel_map_from_dict(d: dict[str, str], source: str) -> ChannelMap:
-    entries = tuple((_parse_key(k, source), canonical_channel(v)) for k, v in d.items())
+    try:
+        entries = tuple((_parse_key(k, source), canonical_channel(v)) for k, v in d.items())
+    except CpvsError as e:
+        if source in e.message:
+            raise
+        raise CpvsError(f"channel map {source}: {e.message}", e.path, e.hint) from None
     if not entries:
-        raise CpvsError(f"channel map {source} is empty")
+        raise CpvsError(f"channel map {source} is empty", hint="write one line per channel: number,name (e.g. 5,DNA)")
     return ChannelMap(entries, source)
 
 
@@ -137,9 +143,9 @@ def load_channel_map(spec: str | Path | None, default: str = "jump") -> ChannelM
             try:
                 data = json.loads(text)
             except json.JSONDecodeError as e:
-                raise CpvsError(f"channel map is not valid JSON ({e})", path) from None
+                raise CpvsError(f"channel map is not valid JSON ({e})", path, 'write an object like {"1": "DNA", "2": "ER"}') from None
             if not isinstance(data, dict):
-                raise CpvsError('channel map JSON must be an object like {"1": "DNA"}', path)
+                raise CpvsError('channel map JSON must be an object like {"1": "DNA"}', path, 'write an object like {"1": "DNA"}')
             return channel_map_from_dict({str(k): str(v) for k, v in data.items()}, str(path))
         pairs: dict[str, str] = {}
         for lineno, line in enumerate(text.splitlines(), 1):
@@ -148,14 +154,14 @@ def load_channel_map(spec: str | Path | None, default: str = "jump") -> ChannelM
                 continue
             parts = [p.strip() for p in re.split(r"[,\t=]", line) if p.strip()]
             if len(parts) != 2:
-                raise CpvsError(f"line {lineno}: expected 'number,name', got {line!r}", path)
+                raise CpvsError(f"line {lineno}: expected 'number,name', got {line!r}", path, "write one line per channel, e.g. 5,DNA")
             if parts[0].lower() in {"channel", "number", "key"}:
                 continue  # header row
             pairs[parts[0]] = parts[1]
         return channel_map_from_dict(pairs, str(path))
     if "=" in spec:
         pairs = dict(p.split("=", 1) for p in spec.split(",") if p.strip())
-        return channel_map_from_dict(pairs, "given on the command line")
+        return channel_map_from_dict(pairs, f"'{spec}'")
     raise CpvsError(
         f"unknown channel map {spec!r}",
         hint="use a preset (" + ", ".join(PRESETS) + "), a file (.json/.csv/.tsv/.txt), or an inline map like '1=DNA,2=ER'",

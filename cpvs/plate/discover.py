@@ -70,7 +70,7 @@ def discover_plates(
     """
     path = Path(path)
     if not path.exists():
-        raise CpvsError("plate folder or LoadData CSV not found", path)
+        raise CpvsError("plate folder or LoadData CSV not found", path, "check the path: a plate is a folder of TIFFs, an OME-Zarr plate or a LoadData CSV")
     if path.is_file():
         plates = read_load_data(path, channels)
         folder = path.parent

@@ -30,9 +30,9 @@ def _read_table(path: Path) -> pd.DataFrame:
     try:
         return pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False)
     except FileNotFoundError:
-        raise CpvsError("LoadData CSV not found", path) from None
+        raise CpvsError("LoadData CSV not found", path, "check the path") from None
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as e:
-        raise CpvsError(f"cannot parse LoadData CSV ({e})", path) from None
+        raise CpvsError(f"cannot parse LoadData CSV ({e})", path, "pass a CellProfiler LoadData CSV (FileName_Orig<Ch>, PathName_Orig<Ch>, Metadata_Plate/Well/Site columns)") from None
 
 
 def is_load_data(path: Path) -> bool:
@@ -53,6 +53,8 @@ def read_load_data(path: str | Path, channels: list[str] | None = None) -> list[
     """
     path = Path(path)
     df = _read_table(path)
+    if df.empty:
+        raise CpvsError("the LoadData CSV has no rows", path, "list one row per field (plate, well, site and one file per channel)")
     file_cols = [c for c in df.columns if c.startswith("FileName_")]
     if not file_cols:
         raise CpvsError(
@@ -89,7 +91,7 @@ def read_load_data(path: str | Path, channels: list[str] | None = None) -> list[
             folder = row.get(f"PathName_{suffix}", "") or ""
             fname = row[c]
             if not fname:
-                raise CpvsError(f"row {i + 2} has an empty {c}", path)
+                raise CpvsError(f"row {i + 2} has an empty {c}", path, "fill in the file name, or remove the row")
             folder_path = Path(folder) if folder else path.parent
             if not folder_path.is_absolute():
                 folder_path = path.parent / folder_path
@@ -102,7 +104,8 @@ def read_load_data(path: str | Path, channels: list[str] | None = None) -> list[
         keys = [f.key for f in fields]
         dup = sorted({k for k in keys if keys.count(k) > 1})
         if dup:
-            raise CpvsError(f"field(s) listed more than once: {', '.join(dup[:5])}", path)
+            raise CpvsError(f"field(s) listed more than once: {', '.join(dup[:5])}", path,
+                            "keep one row per plate, well and site")
         out.append(Plate(name, path.parent, "loaddata", chans, fields))
     return out
 

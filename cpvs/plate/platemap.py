@@ -54,12 +54,12 @@ def read_platemap(path: str | Path, text: str | None = None) -> pd.DataFrame:
     """
     path = Path(path)
     if text is None and not path.exists():
-        raise CpvsError("platemap not found", path)
+        raise CpvsError("platemap not found", path, "pass an existing CSV/TSV with a well column (or leave --platemap out)")
     sep = "\t" if path.suffix.lower() in {".tsv", ".txt"} else ","
     try:
         df = pd.read_csv(path if text is None else io.StringIO(text), sep=sep, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as e:
-        raise CpvsError(f"cannot parse platemap ({e})", path) from None
+        raise CpvsError(f"cannot parse platemap ({e})", path, "pass a CSV or TSV file with a header row and a well column") from None
     lower = {c.lower(): c for c in df.columns}
     well_col = next((lower[s] for s in WELL_SYNONYMS if s in lower), None)
     if well_col is None:
@@ -91,7 +91,8 @@ def read_platemap(path: str | Path, text: str | None = None) -> pd.DataFrame:
     keys = ["Metadata_Plate", "Metadata_Well"] if plate_col else ["Metadata_Well"]
     dup = out.duplicated(keys)
     if dup.any():
-        raise CpvsError(f"platemap lists well(s) {', '.join(out.loc[dup, 'Metadata_Well'].head(5))} more than once", path)
+        raise CpvsError(f"platemap lists well(s) {', '.join(out.loc[dup, 'Metadata_Well'].head(5))} more than once", path,
+                        "keep one row per well (a platemap describes one plate)")
     return out
 
 
@@ -106,7 +107,7 @@ def join_platemap(plate: Plate, path: str | Path, on_error: str = "raise", text:
         try:
             text = path.read_text(encoding="utf-8-sig")
         except UnicodeDecodeError as e:
-            raise CpvsError(f"cannot parse platemap ({e})", path) from None
+            raise CpvsError(f"cannot parse platemap ({e})", path, "pass a CSV or TSV file with a header row and a well column") from None
     pm = read_platemap(path, text)
     if "Metadata_Plate" in pm.columns:
         sub = pm[pm["Metadata_Plate"] == plate.name]

@@ -45,6 +45,9 @@ def read_image(path: str | ImageRef) -> np.ndarray:
     arr = np.squeeze(arr)
     if arr.ndim != 2:
         raise CpvsError(f"expected a single-plane 2-D image, found shape {arr.shape}", path, "export one TIFF per channel and plane")
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():  # microscopes write integers; NaN would poison every statistic
+        bad = int(np.size(arr) - np.isfinite(arr).sum())
+        raise CpvsError(f"image has {bad} NaN or Inf pixel(s)", path, "re-export the image, or rerun with --on-error skip")
     return arr
 
 

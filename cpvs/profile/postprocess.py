@@ -55,7 +55,8 @@ def postprocess(df: pd.DataFrame, cfg: PostprocessConfig, source=None) -> tuple[
     """Normalize, then select features (fitted here, or taken from ``features_from``)."""
     features = feature_columns(df)
     if not features:
-        raise CpvsError("the table has no numeric feature columns besides Metadata_ ones", source)
+        raise CpvsError("the table has no numeric feature columns besides Metadata_ ones", source,
+                        "pass a profile table (features as numeric columns, metadata as Metadata_ columns)")
     report = PostprocessReport(len(df), len(features), len(features))
     controls = query_mask(df, cfg.control_query, "--control-query", source) if cfg.control_query else None
     if cfg.normalize:
