@@ -6,7 +6,6 @@ text the message must name, and where a complete-looking output must not appear.
 
 from __future__ import annotations
 
-import io
 import os
 import pickle
 import shutil
