@@ -25,7 +25,7 @@ _cpvs() {
                 --device) _cpvs_words "auto cpu cuda"; return ;;
             esac
             if [[ "$cur" == -* ]]; then _cpvs_words "--version --quiet -q --device --help -h"
-            else _cpvs_words "simulate preprocess demo train predict-plate embed profile evaluate convert"; fi ;;
+            else _cpvs_words "simulate preprocess demo train predict-plate embed profile evaluate convert info"; fi ;;
         simulate)
             case "$prev" in
                 --out|-o) _cpvs_files; return ;;
@@ -130,6 +130,15 @@ _cpvs() {
                 --device) _cpvs_words "auto cpu cuda"; return ;;
             esac
             if [[ "$cur" == -* ]]; then _cpvs_words "--out -o --format --ngff-version --channel-map --channels --platemap --plate-name --validate --no-validate --workers --on-error --help -h --quiet -q --device"
+            else _cpvs_files; fi ;;
+        info)
+            case "$prev" in
+                --channel-map) _cpvs_words "jump"; _cpvs_files; return ;;
+                --platemap) _cpvs_files; return ;;
+                --plate-name) :; return ;;
+                --device) _cpvs_words "auto cpu cuda"; return ;;
+            esac
+            if [[ "$cur" == -* ]]; then _cpvs_words "--channel-map --platemap --plate-name --json --help -h --quiet -q --device"
             else _cpvs_files; fi ;;
     esac
 }

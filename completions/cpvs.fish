@@ -39,6 +39,7 @@ complete -c cpvs -n 'not __cpvs_command' -a embed -d 'Embed fields with per-chan
 complete -c cpvs -n 'not __cpvs_command' -a profile -d 'Profile plates (segment, measure, aggregate) or normalize and select an existing table'
 complete -c cpvs -n 'not __cpvs_command' -a evaluate -d 'Evaluate profiles and predicted images the way the field does'
 complete -c cpvs -n 'not __cpvs_command' -a convert -d 'Convert a plate between TIFFs (or a LoadData CSV) and an OME-Zarr HCS plate'
+complete -c cpvs -n 'not __cpvs_command' -a info -d 'Show what cpvs sees in PATH, before running anything on it'
 complete -c cpvs -n '__cpvs_using simulate' -F
 complete -c cpvs -n '__cpvs_using simulate' -l out -s o -r -F -d 'Same as OUT'
 complete -c cpvs -n '__cpvs_using simulate' -l plates -x -d 'Number of plates'
@@ -289,3 +290,11 @@ complete -c cpvs -n '__cpvs_using convert' -l on-error -x -a 'raise skip' -d 'ra
 complete -c cpvs -n '__cpvs_using convert' -l help -s h -d 'Show the help and exit'
 complete -c cpvs -n '__cpvs_using convert' -l quiet -s q -d 'No progress bars or summaries (for batch jobs); errors are still printed'
 complete -c cpvs -n '__cpvs_using convert' -l device -x -a 'auto cpu cuda' -d 'Where models run: auto (a GPU when there is one), cpu, cuda or cuda:N'
+complete -c cpvs -n '__cpvs_using info' -F
+complete -c cpvs -n '__cpvs_using info' -l channel-map -r -a 'jump' -F -d 'Channel numbers -> names: a preset (jump), a .json/.csv/.tsv file, or inline \'1=BF,2=ER,...\' (default: the plate\'s channel_map.csv, else jump; an OME-Zarr plate: its channel labels, a map numbering its channel axis from 1)'
+complete -c cpvs -n '__cpvs_using info' -l platemap -r -F -d 'Platemap CSV/TSV (well -> perturbation, compound, MOA, ...) joined into the outputs (default: platemap.csv in the plate folder, if any)'
+complete -c cpvs -n '__cpvs_using info' -l plate-name -x -d 'Plate name (default: from the LoadData CSV, CV8000 file names, OME-Zarr plate metadata, or the folder name)'
+complete -c cpvs -n '__cpvs_using info' -l json -d 'Print the facts as JSON on stdout'
+complete -c cpvs -n '__cpvs_using info' -l help -s h -d 'Show the help and exit'
+complete -c cpvs -n '__cpvs_using info' -l quiet -s q -d 'No progress bars or summaries (for batch jobs); errors are still printed'
+complete -c cpvs -n '__cpvs_using info' -l device -x -a 'auto cpu cuda' -d 'Where models run: auto (a GPU when there is one), cpu, cuda or cuda:N'

@@ -105,6 +105,7 @@ def _register() -> None:
     from cpvs.cli.demo import demo
     from cpvs.cli.embed import embed
     from cpvs.cli.evaluate import evaluate
+    from cpvs.cli.info import info
     from cpvs.cli.predict import predict_plate
     from cpvs.cli.preprocess import preprocess
     from cpvs.cli.profile import profile
@@ -115,6 +116,7 @@ def _register() -> None:
                      ("predict-plate", predict_plate), ("embed", embed), ("profile", profile), ("evaluate", evaluate),
                      ("convert", convert)):
         app.command(name)(fn)
+    app.command("info")(info)
 
 
 _register()
