@@ -26,7 +26,7 @@ _cpvs() {
                 --compression) COMPREPLY=($(compgen -W "none lzw zlib" -- "$cur")); return ;;
             esac
             if [[ "$cur" == -* ]]; then
-                COMPREPLY=($(compgen -W "--out -o --plates --wells --sites --size --seed --moas --batches --workers --compression --masks --no-masks" -- "$cur"))
+                COMPREPLY=($(compgen -W "--out -o --plates --wells --sites --size --seed --moas --batches --workers --compression --masks --no-masks --json" -- "$cur"))
             else
                 COMPREPLY=($(compgen -f -- "$cur"))
             fi ;;
@@ -47,7 +47,7 @@ _cpvs() {
                 --on-error) COMPREPLY=($(compgen -W "raise skip" -- "$cur")); return ;;
             esac
             if [[ "$cur" == -* ]]; then
-                COMPREPLY=($(compgen -W "--out -o --channel-map --channels --platemap --plate-name --illum-size --size --resize-method --clip --dtype --chunk --workers --on-error --overwrite" -- "$cur"))
+                COMPREPLY=($(compgen -W "--out -o --channel-map --channels --platemap --plate-name --illum-size --size --resize-method --clip --dtype --chunk --workers --on-error --overwrite --json" -- "$cur"))
             else
                 COMPREPLY=($(compgen -f -- "$cur"))
             fi ;;
@@ -60,7 +60,7 @@ _cpvs() {
                 --workers) return ;;
             esac
             if [[ "$cur" == -* ]]; then
-                COMPREPLY=($(compgen -W "--out -o --size --wells --sites --workers" -- "$cur"))
+                COMPREPLY=($(compgen -W "--out -o --size --wells --sites --workers --json" -- "$cur"))
             else
                 COMPREPLY=($(compgen -f -- "$cur"))
             fi ;;
@@ -125,7 +125,7 @@ _cpvs() {
                 --eval-every) return ;;
             esac
             if [[ "$cur" == -* ]]; then
-                COMPREPLY=($(compgen -W "--model --data --out -o --inputs --targets --crop --batch-size --epochs --steps-per-epoch --lr --weight-decay --val-fraction --seed --precision --resume --max-minutes --workers --select --depth --width --init --critic-steps --lambda-l1 --lambda-gp --critic-lr --critic-weight-decay --pixels --label --label-dropout --ema --channel-mult --num-res-blocks --attention-downsample --head-channels --dropout --schedule --timesteps --beta-start --beta-end --channels --weak-label --arch --init-weights --out-dim --hidden-dim --bottleneck-dim --n-global --global-size --global-scale --n-local --local-size --local-scale --min-lr --warmup-epochs --teacher-momentum --teacher-temp --student-temp --eval-every" -- "$cur"))
+                COMPREPLY=($(compgen -W "--model --data --out -o --inputs --targets --crop --batch-size --epochs --steps-per-epoch --lr --weight-decay --val-fraction --seed --precision --resume --max-minutes --workers --select --depth --width --init --critic-steps --lambda-l1 --lambda-gp --critic-lr --critic-weight-decay --pixels --label --label-dropout --ema --channel-mult --num-res-blocks --attention-downsample --head-channels --dropout --schedule --timesteps --beta-start --beta-end --channels --weak-label --arch --init-weights --out-dim --hidden-dim --bottleneck-dim --n-global --global-size --global-scale --n-local --local-size --local-scale --min-lr --warmup-epochs --teacher-momentum --teacher-temp --student-temp --eval-every --json" -- "$cur"))
             else
                 COMPREPLY=($(compgen -f -- "$cur"))
             fi ;;
@@ -159,7 +159,7 @@ _cpvs() {
                 --field-strategy) COMPREPLY=($(compgen -W "resize tiles" -- "$cur")); return ;;
             esac
             if [[ "$cur" == -* ]]; then
-                COMPREPLY=($(compgen -W "--out -o --checkpoint --model --channel-map --platemap --plate-name --batch-size --precision --dtype --format --shard --workers --illum-fields --on-error --overwrite --tile --stride --stitch --sampler --steps --eta --guidance --classifier --label-col --samples --seed --field-strategy --clip-denoised --no-clip-denoised" -- "$cur"))
+                COMPREPLY=($(compgen -W "--out -o --checkpoint --model --channel-map --platemap --plate-name --batch-size --precision --dtype --format --shard --workers --illum-fields --on-error --overwrite --tile --stride --stitch --sampler --steps --eta --guidance --classifier --label-col --samples --seed --field-strategy --clip-denoised --no-clip-denoised --json" -- "$cur"))
             else
                 COMPREPLY=($(compgen -f -- "$cur"))
             fi ;;
@@ -178,7 +178,7 @@ _cpvs() {
                 --illum-fields) return ;;
             esac
             if [[ "$cur" == -* ]]; then
-                COMPREPLY=($(compgen -W "--checkpoint --out -o --channels --channel-map --platemap --aggregate --tvn-control-query --attention-maps --n --n-attention --precision --illum-fields --overwrite" -- "$cur"))
+                COMPREPLY=($(compgen -W "--checkpoint --out -o --channels --channel-map --platemap --aggregate --tvn-control-query --attention-maps --n --n-attention --precision --illum-fields --overwrite --json" -- "$cur"))
             else
                 COMPREPLY=($(compgen -f -- "$cur"))
             fi ;;
@@ -221,7 +221,7 @@ _cpvs() {
                 --outlier-cutoff) return ;;
             esac
             if [[ "$cur" == -* ]]; then
-                COMPREPLY=($(compgen -W "--out -o --channel-map --channels --platemap --plate-name --nuclei-channel --cell-channel --threshold --threshold-correction --cell-threshold-correction --smoothing --min-nucleus-diameter --max-nucleus-diameter --declump-distance --max-cell-distance --keep-border --masks-from --masks-format --skip --illum-size --illum-fields --workers --shard --single-cells --aggregate --overlays --on-error --overwrite --join --normalize --control-query --by-plate --feature-select --select-ops --features-from --na-cutoff --corr-threshold --freq-cut --unique-cut --outlier-cutoff" -- "$cur"))
+                COMPREPLY=($(compgen -W "--out -o --channel-map --channels --platemap --plate-name --nuclei-channel --cell-channel --threshold --threshold-correction --cell-threshold-correction --smoothing --min-nucleus-diameter --max-nucleus-diameter --declump-distance --max-cell-distance --keep-border --masks-from --masks-format --skip --illum-size --illum-fields --workers --shard --single-cells --aggregate --overlays --on-error --overwrite --join --normalize --control-query --by-plate --feature-select --select-ops --features-from --na-cutoff --corr-threshold --freq-cut --unique-cut --outlier-cutoff --json" -- "$cur"))
             else
                 COMPREPLY=($(compgen -f -- "$cur"))
             fi ;;
@@ -272,7 +272,7 @@ _cpvs() {
                 --on-error) COMPREPLY=($(compgen -W "raise skip" -- "$cur")); return ;;
             esac
             if [[ "$cur" == -* ]]; then
-                COMPREPLY=($(compgen -W "--out -o --format --ngff-version --channel-map --channels --platemap --plate-name --validate --no-validate --workers --on-error" -- "$cur"))
+                COMPREPLY=($(compgen -W "--out -o --format --ngff-version --channel-map --channels --platemap --plate-name --validate --no-validate --workers --on-error --json" -- "$cur"))
             else
                 COMPREPLY=($(compgen -f -- "$cur"))
             fi ;;

@@ -24,6 +24,7 @@ complete -c cpvs -n '__fish_seen_subcommand_from simulate' -l batches -r -d 'Num
 complete -c cpvs -n '__fish_seen_subcommand_from simulate' -l workers -r -d 'Processes rendering fields in parallel'
 complete -c cpvs -n '__fish_seen_subcommand_from simulate' -l compression -r -a 'none lzw zlib' -d 'TIFF compression of the images (Phenix exports use lzw)'
 complete -c cpvs -n '__fish_seen_subcommand_from simulate' -l masks -l no-masks -d 'Also write ground-truth nuclei and cell label images under masks/'
+complete -c cpvs -n '__fish_seen_subcommand_from simulate' -l json -d 'Print the summary as JSON on stdout (for shell pipelines); progress and messages stay on stderr'
 complete -c cpvs -n '__fish_seen_subcommand_from preprocess' -F
 complete -c cpvs -n '__fish_seen_subcommand_from preprocess' -l out -s o -r -F -d 'Store to write (a zarr folder, e.g. plate.zarr)'
 complete -c cpvs -n '__fish_seen_subcommand_from preprocess' -l channel-map -r -d 'Channel numbers -> names a preset (jump), a .json/.csv/.tsv file, or inline 1=BF,2=ER,... (default the plates channel_map.csv, else jump; an OME-Zarr plate its channel labels, a map numbering its channel axis from 1)'
@@ -39,12 +40,14 @@ complete -c cpvs -n '__fish_seen_subcommand_from preprocess' -l chunk -r -d 'Chu
 complete -c cpvs -n '__fish_seen_subcommand_from preprocess' -l workers -r -d 'Threads reading and processing fields'
 complete -c cpvs -n '__fish_seen_subcommand_from preprocess' -l on-error -r -a 'raise skip' -d 'raise stop at the first bad field; skip leave it out and list it in skipped.csv'
 complete -c cpvs -n '__fish_seen_subcommand_from preprocess' -l overwrite -d 'Replace an existing store made with other inputs or parameters'
+complete -c cpvs -n '__fish_seen_subcommand_from preprocess' -l json -d 'Print the summary as JSON on stdout (for shell pipelines); progress and messages stay on stderr'
 complete -c cpvs -n '__fish_seen_subcommand_from demo' -F
 complete -c cpvs -n '__fish_seen_subcommand_from demo' -l out -s o -r -F -d 'Same as OUT'
 complete -c cpvs -n '__fish_seen_subcommand_from demo' -l size -r -d 'Field side in pixels (small keeps the demo quick)'
 complete -c cpvs -n '__fish_seen_subcommand_from demo' -l wells -r -d 'Wells per plate'
 complete -c cpvs -n '__fish_seen_subcommand_from demo' -l sites -r -d 'Fields per well'
 complete -c cpvs -n '__fish_seen_subcommand_from demo' -l workers -r -d 'Parallel workers'
+complete -c cpvs -n '__fish_seen_subcommand_from demo' -l json -d 'Print the summary as JSON on stdout (for shell pipelines); progress and messages stay on stderr'
 complete -c cpvs -n '__fish_seen_subcommand_from train' -F
 complete -c cpvs -n '__fish_seen_subcommand_from train' -l model -r -a 'unet cwgan linear ddpm classifier dino ws-dino' -d 'Model family unet (L1 U-Net), cwgan (cWGAN-GP from a U-Net), linear (per-pixel least-squares baseline), ddpm (class-guided image-to-image diffusion), classifier (its guidance classifier), dino, ws-dino (self-supervised ViTs per channel)'
 complete -c cpvs -n '__fish_seen_subcommand_from train' -l data -r -F -d 'Store written by cpvs preprocess'
@@ -104,6 +107,7 @@ complete -c cpvs -n '__fish_seen_subcommand_from train' -l teacher-momentum -r -
 complete -c cpvs -n '__fish_seen_subcommand_from train' -l teacher-temp -r -d 'Teacher softmax temperature (sharpening). (default 0.04)'
 complete -c cpvs -n '__fish_seen_subcommand_from train' -l student-temp -r -d 'Student softmax temperature. (default 0.1)'
 complete -c cpvs -n '__fish_seen_subcommand_from train' -l eval-every -r -d 'Every N epochs, record NSC/NSCB of teacher embeddings when the store has MOAs (0 never)'
+complete -c cpvs -n '__fish_seen_subcommand_from train' -l json -d 'Print the summary as JSON on stdout (for shell pipelines)'
 complete -c cpvs -n '__fish_seen_subcommand_from predict-plate' -F
 complete -c cpvs -n '__fish_seen_subcommand_from predict-plate' -l out -s o -r -F -d 'Folder for the predicted plate (TIFFs, load_data.csv, channel_map.csv; or PLATE.zarr with --format ome-zarr)'
 complete -c cpvs -n '__fish_seen_subcommand_from predict-plate' -l checkpoint -r -F -d 'Checkpoint file or run folder (its checkpoints/best.pt, else last.pt)'
@@ -133,6 +137,7 @@ complete -c cpvs -n '__fish_seen_subcommand_from predict-plate' -l samples -r -d
 complete -c cpvs -n '__fish_seen_subcommand_from predict-plate' -l seed -r -d 'Seed; a fields samples depend only on it and the field (default 0)'
 complete -c cpvs -n '__fish_seen_subcommand_from predict-plate' -l field-strategy -r -a 'resize tiles' -d 'Resize fields to the training resolution and back, or sample tiles (shared noise, stitched) (default resize)'
 complete -c cpvs -n '__fish_seen_subcommand_from predict-plate' -l clip-denoised -l no-clip-denoised -d 'Clamp each steps predicted clean image into the training targets range (recorded in the checkpoint; older checkpoints ±the preprocessing clip) (default clip)'
+complete -c cpvs -n '__fish_seen_subcommand_from predict-plate' -l json -d 'Print the summary as JSON on stdout (for shell pipelines); progress and messages stay on stderr'
 complete -c cpvs -n '__fish_seen_subcommand_from embed' -F
 complete -c cpvs -n '__fish_seen_subcommand_from embed' -l checkpoint -r -F -d 'DINO / WS-DINO run folder or checkpoint (the teacher networks are used)'
 complete -c cpvs -n '__fish_seen_subcommand_from embed' -l out -s o -r -F -d 'Field-level table EMB.parquet; EMB_well.parquet and EMB_perturbation.parquet are written beside it'
@@ -146,6 +151,7 @@ complete -c cpvs -n '__fish_seen_subcommand_from embed' -l n -l n-attention -r -
 complete -c cpvs -n '__fish_seen_subcommand_from embed' -l precision -r -a 'fp32 bf16 fp16' -d 'Autocast precision on GPU (the CPU always computes in fp32)'
 complete -c cpvs -n '__fish_seen_subcommand_from embed' -l illum-fields -r -d 'Plates fields averaged for the illumination correction'
 complete -c cpvs -n '__fish_seen_subcommand_from embed' -l overwrite -d 'Replace tables made with another checkpoint, source or options'
+complete -c cpvs -n '__fish_seen_subcommand_from embed' -l json -d 'Print the summary as JSON on stdout (for shell pipelines); progress and messages stay on stderr'
 complete -c cpvs -n '__fish_seen_subcommand_from profile' -F
 complete -c cpvs -n '__fish_seen_subcommand_from profile' -l out -s o -r -F -d 'Output folder (plates), or output table / folder (table mode)'
 complete -c cpvs -n '__fish_seen_subcommand_from profile' -l channel-map -r -d 'Channel numbers -> names a preset (jump), a .json/.csv/.tsv file, or inline 1=BF,2=ER,... (default the plates channel_map.csv, else jump; an OME-Zarr plate its channel labels, a map numbering its channel axis from 1)'
@@ -187,6 +193,7 @@ complete -c cpvs -n '__fish_seen_subcommand_from profile' -l corr-threshold -r -
 complete -c cpvs -n '__fish_seen_subcommand_from profile' -l freq-cut -r -d 'variance_threshold second-most-common / most-common value ratio below which a feature is near-constant'
 complete -c cpvs -n '__fish_seen_subcommand_from profile' -l unique-cut -r -d 'variance_threshold fraction of unique values below which a feature is near-constant'
 complete -c cpvs -n '__fish_seen_subcommand_from profile' -l outlier-cutoff -r -d 'drop_outliers drop features reaching this many SDs in the control rows (all rows without --control-query)'
+complete -c cpvs -n '__fish_seen_subcommand_from profile' -l json -d 'Print the summary as JSON on stdout (for shell pipelines); progress and messages stay on stderr'
 complete -c cpvs -n '__fish_seen_subcommand_from evaluate' -F
 complete -c cpvs -n '__fish_seen_subcommand_from evaluate' -l nsc -d 'MOA matching nearest neighbour (cosine) among treatments of other compounds'
 complete -c cpvs -n '__fish_seen_subcommand_from evaluate' -l nscb -d 'MOA matching among treatments of other compounds and other batches'
@@ -236,4 +243,5 @@ complete -c cpvs -n '__fish_seen_subcommand_from convert' -l plate-name -r -d 'P
 complete -c cpvs -n '__fish_seen_subcommand_from convert' -l validate -l no-validate -d 'Validate the written OME-Zarr plate with ome-zarr-models (about 17 ms per field)'
 complete -c cpvs -n '__fish_seen_subcommand_from convert' -l workers -r -d 'Fields read and written in parallel (threads)'
 complete -c cpvs -n '__fish_seen_subcommand_from convert' -l on-error -r -a 'raise skip' -d 'raise stop at the first bad field; skip leave it out and report it'
+complete -c cpvs -n '__fish_seen_subcommand_from convert' -l json -d 'Print the summary as JSON on stdout (for shell pipelines); progress and messages stay on stderr'
 # subcommands: simulate preprocess demo train predict-plate embed profile evaluate convert

@@ -99,10 +99,13 @@ def evaluate(
         print_evaluation(ev.summary, ev.extras)
         for where in ev.written:
             out_console.print(f"written to {where}")
+    elif not ev.written:  # --quiet with nowhere else to go: the results must not be lost
+        print_evaluation(ev.summary, ev.extras, brief=True)
 
 
-def print_evaluation(summary: dict, extras: dict) -> None:
-    for note in summary.get("notes", []):
+def print_evaluation(summary: dict, extras: dict, brief: bool = False) -> None:
+    """The results; ``brief``: one line per evaluation, no tables or notes."""
+    for note in [] if brief else summary.get("notes", []):
         out_console.print(f"[yellow]note:[/] {note}")
     for key in ("nsc", "nscb"):
         if key in summary:
@@ -110,7 +113,7 @@ def print_evaluation(summary: dict, extras: dict) -> None:
             out_console.print(f"[bold]{key.upper()}[/] {m['score']:.1%} ({m['n_correct']}/{m['n_queries']} treatments)"
                               + (f"; left out (single batch): {', '.join(m['excluded_moas'])}" if m["excluded_moas"] else "")
                               + (f"; not queried (one compound): {', '.join(m['single_compound_moas'])}" if m["single_compound_moas"] else ""))
-    for key in ("nsc", "nscb"):
+    for key in () if brief else ("nsc", "nscb"):
         if key in summary:
             t = Table(title=f"{key.upper()} per MOA", title_justify="left")
             for c in ("MOA", "n", "correct", "accuracy"):
@@ -146,7 +149,7 @@ def print_evaluation(summary: dict, extras: dict) -> None:
     if "map" in summary:
         for name, m in summary["map"].items():
             out_console.print(f"[bold]mAP {name}[/] {m['mean_mAP']:.3f} ({m['fraction_significant']:.0%} of {m['n']} significant after FDR)")
-    if "image_metrics" in extras:
+    if "image_metrics" in extras and not brief:
         ev = extras["image_metrics"]
         t = Table(title=f"image metrics over {summary['images']['n_fields']} fields (mean ± std)", title_justify="left")
         t.add_column("channel")

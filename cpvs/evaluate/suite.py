@@ -101,7 +101,7 @@ def evaluate_profiles(cfg: EvalConfig) -> EvalResults:
 
     if cfg.nsc or cfg.nscb or cfg.target or cfg.map:
         use = clean_features(df[~negative], feats)
-        if not use:
+        if not use and (~negative).any():
             raise CpvsError(f"none of the {len(feats)} features is finite and varying over the treatments (NaN, Inf or constant)",
                             src, "check the feature columns of the table, e.g. normalize it first with "
                             "`cpvs profile TABLE --normalize mad_robustize -o OUT`")
