@@ -4,7 +4,7 @@
   similarity; copairs rounds similarities to float32 and sorts on ``1 - sim`` (float32), and
   a positive ranks before a negative with an equal key. AP = mean over positives of the
   precision at the positive's rank. Computed from the block engine's similarities by counting,
-  for each positive, the negatives ranked ahead (:func:`~cpvs.evaluate.engine.average_precision_from_keys`),
+  for each positive, the negatives ranked ahead (:func:`~cpvs.evaluate.engine.average_precision_of_ranks`),
   so nothing of size queries × candidates is kept.
 * **Normalized AP**: (AP − μ₀) / (1 − μ₀), μ₀ the expected AP of a random ranking.
 * **Null distribution**: for each configuration (M positives, L candidates), ``null_size`` APs
@@ -19,13 +19,15 @@ The random stream differs from copairs': p-values agree within Monte-Carlo error
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pandas as pd
 
 from cpvs.evaluate.engine import (
-    Progress, all_cores, average_precision_from_keys, block_rows, positive_keys, ranking_keys,
+    Progress, Scratch, all_cores, average_precision_of_ranks, block_rows, concat_ranges, cpu_cores, ranking_keys,
 )
-from cpvs.evaluate.retrieval import incidence, sharing_block
+from cpvs.evaluate.retrieval import incidence, sharing_pairs
 
 AP_COLUMNS = ["n_pos_pairs", "n_total_pairs", "average_precision", "normalized_average_precision"]
 ROW = "Metadata_cpvs_row"  # the query's row in the input table
@@ -68,14 +70,17 @@ class AnnotationAPTask:
     compound (``compounds`` codes; None: any other row) and the negatives the rows sharing no
     label with i: copairs' ``multilabel`` mode, which with one label per row is its plain mode
     (positives: same label, other compound; negatives: other label).
+
+    Per block: the keys of each row's negatives (all labelled rows, the few sharing a label set
+    to +inf) are sorted once; each positive's rank is a binary search in them.
     """
 
     def __init__(self, labels: list[frozenset[str]], compounds: np.ndarray | None = None):
-        self.sets = labels
         self.has = np.array([bool(s) for s in labels], bool)
         self.lab, self.vocab = incidence(labels)
         self.lab_t = self.lab.T.tocsr()
         self.comp = np.arange(len(labels)) if compounds is None else np.asarray(compounds, np.int64)
+        self.unlabelled = np.flatnonzero(~self.has)
         # One AP per (row, label): the row-major nonzeros of the incidence matrix.
         self.exp_row = np.repeat(np.arange(len(labels)), np.diff(self.lab.indptr))
         self.exp_label = self.lab.indices.astype(np.int64)
@@ -83,27 +88,30 @@ class AnnotationAPTask:
         self.n_pos = np.zeros(len(self.exp_row), np.int64)
         self.n_neg = np.zeros(len(self.exp_row), np.int64)
 
-    def start(self, device) -> None:
-        import torch
+    def start(self, device, x) -> None:
+        pass
 
-        self._device = device
-        self._comp = torch.from_numpy(self.comp).to(device)
-        self._has = torch.from_numpy(self.has).to(device)
-
-    def consume(self, start: int, stop: int, sim) -> None:
-        import torch
-
-        lo, hi = self.lab.indptr[start], self.lab.indptr[stop]
+    def consume(self, block) -> None:
+        s, e = block.start, block.stop
+        lo, hi = self.lab.indptr[s], self.lab.indptr[e]
         if lo == hi:
             return
-        local = torch.from_numpy(self.exp_row[lo:hi] - start).to(self._device)
-        keys = ranking_keys(sim)[local]
-        shares = torch.from_numpy(sharing_block(self.lab, self.lab_t, start, stop)).to(self._device)
-        negative = (~shares & self._has[None, :])[local]
-        positive = torch.from_numpy(self.lab_t[self.exp_label[lo:hi]].toarray() > 0).to(self._device)
-        positive &= self._comp[None, :] != self._comp[self.exp_row[lo:hi]][:, None]
-        ap, n_pos, n_neg = average_precision_from_keys(positive_keys(keys, positive), keys, negative)
-        self.ap[lo:hi], self.n_pos[lo:hi], self.n_neg[lo:hi] = ap, n_pos, n_neg
+        keys = block.keys()
+        neg = block.scratch.array("negatives", block.rows)
+        np.copyto(neg, keys)
+        neg[:, self.unlabelled] = np.inf
+        r, c = sharing_pairs(self.lab, self.lab_t, s, e)  # self included
+        neg[r, c] = np.inf
+        neg.sort(axis=1)
+        n_negative = self.has.sum() - np.bincount(r, minlength=block.rows)
+        q, g = self.exp_row[lo:hi], self.exp_label[lo:hi]
+        starts, stops = self.lab_t.indptr[g], self.lab_t.indptr[g + 1]
+        cols = self.lab_t.indices[concat_ranges(starts, stops)].astype(np.int64)
+        ranking = np.repeat(np.arange(hi - lo), stops - starts)
+        keep = self.comp[cols] != self.comp[q[ranking]]
+        cols, ranking = cols[keep], ranking[keep]
+        ap, n_pos = average_precision_of_ranks(neg, q - s, ranking, keys[q[ranking] - s, cols])
+        self.ap[lo:hi], self.n_pos[lo:hi], self.n_neg[lo:hi] = ap, n_pos, n_negative[q - s]
 
     def frame(self, label_col: str, meta: dict[str, np.ndarray] | None = None) -> pd.DataFrame:
         """One row per (query, label) with at least one positive: ``ROW``, ``label_col``,
@@ -113,6 +121,19 @@ class AnnotationAPTask:
                          **{label_col: np.asarray(self.vocab, dtype=object)[self.exp_label]}, **extra)
 
 
+def _group_blocks(sizes: np.ndarray, rows: int) -> list[tuple[int, int]]:
+    """Runs of consecutive groups holding about ``rows`` rows (a bigger group alone)."""
+    out, first, filled = [], 0, 0
+    for i, n in enumerate(sizes):
+        if filled and filled + n > rows:
+            out.append((first, i))
+            first, filled = i, 0
+        filled += n
+    if len(sizes):
+        out.append((first, len(sizes)))
+    return out
+
+
 def replicate_average_precision(unit: np.ndarray, groups: np.ndarray, negative: np.ndarray, device="cpu",
                                 progress: Progress | None = None, block: int | None = None) -> pd.DataFrame:
     """AP of each non-control well retrieving the other wells of its group against the controls.
@@ -120,40 +141,53 @@ def replicate_average_precision(unit: np.ndarray, groups: np.ndarray, negative: 
     ``unit`` (n, d): unit-norm profiles; ``groups`` (n,): perturbation codes; ``negative`` (n,):
     control wells. Positives of well i: the other non-control wells of its group; negatives:
     the control wells of another group (copairs with a reference index on the controls).
-    Similarities to the controls come in blocks; those to the replicates from the few rows of
-    the block's groups, since queries are visited group by group.
+    Wells are visited group by group, groups of similar size together: similarities to the
+    controls come from one product per block, those within groups from a batched product of
+    the block's groups.
     """
     import torch
 
     groups = np.asarray(groups, np.int64)
     negative = np.asarray(negative, bool)
-    ctrl = np.flatnonzero(negative)
-    order = np.flatnonzero(~negative)
-    order = order[np.argsort(groups[order], kind="stable")]
-    g_sorted = groups[order]
-    g_start = np.searchsorted(g_sorted, g_sorted, "left")
-    g_end = np.searchsorted(g_sorted, g_sorted, "right")
+    ctrl, trt = np.flatnonzero(negative), np.flatnonzero(~negative)
+    codes_, inverse, sizes = np.unique(groups[trt], return_inverse=True, return_counts=True)
+    seq = np.lexsort((codes_, sizes))  # groups by size, then code
+    place = np.empty(len(seq), np.int64)
+    place[seq] = np.arange(len(seq))
+    order = trt[np.argsort(place[inverse], kind="stable")]  # wells, group after group
+    sizes, first = sizes[seq], np.cumsum(sizes[seq]) - sizes[seq]
+    # A control of the query's own group is neither positive nor negative (copairs' rule).
+    ctrl_of = {int(c): np.flatnonzero(groups[ctrl] == c) for c in np.intersect1d(groups[ctrl], codes_[seq])}
     n = len(order)
     ap, n_pos, n_neg = np.full(n, np.nan), np.zeros(n, np.int64), np.zeros(n, np.int64)
     device = torch.device(device)
-    biggest = int((g_end - g_start).max(initial=0))
-    step = block or block_rows(len(ctrl) + 2 * biggest, device)
+    runs = [(ga, gb, first[ga], first[gb - 1] + sizes[gb - 1]) for ga, gb in _group_blocks(sizes, block or block_rows(len(ctrl), device))]
     with all_cores(), torch.no_grad():
         controls = torch.from_numpy(unit[ctrl]).to(device)
-        ctrl_groups = torch.from_numpy(groups[ctrl]).to(device)
-        # A control of the query's own group is neither positive nor negative (copairs' rule).
-        shared = bool(np.isin(groups[ctrl], g_sorted).any())
-        for a in range(0, n, step):
-            b = min(n, a + step)
-            lo, hi = g_start[a], g_end[b - 1]
-            q = torch.from_numpy(unit[order[a:b]]).to(device)
-            reps = torch.from_numpy(unit[order[lo:hi]]).to(device)
-            gq = torch.from_numpy(g_sorted[a:b]).to(device)
-            same = gq[:, None] == torch.from_numpy(g_sorted[lo:hi]).to(device)[None, :]
-            same &= torch.arange(a, b, device=device)[:, None] != torch.arange(lo, hi, device=device)[None, :]
-            pos = positive_keys(ranking_keys(q @ reps.T), same)
-            neg_mask = (ctrl_groups[None, :] != gq[:, None]) if shared else None
-            ap[a:b], n_pos[a:b], n_neg[a:b] = average_precision_from_keys(pos, ranking_keys(q @ controls.T), neg_mask)
+        scratch = Scratch(max((b - a for _, _, a, b in runs), default=1), len(ctrl), device)
+        for ga, gb, a, b in runs:
+            wells = order[a:b]
+            q = torch.from_numpy(unit[wells]).to(device)
+            sim = scratch.tensor("sim", b - a)
+            torch.mm(q, controls.T, out=sim)
+            neg = ranking_keys(sim, scratch.array("keys", b - a))
+            n_neg[a:b] = len(ctrl)
+            for g in range(ga, gb):
+                mine = ctrl_of.get(int(codes_[seq[g]]))
+                if mine is not None:
+                    rows = np.arange(first[g] - a, first[g] - a + sizes[g])
+                    neg[rows[:, None], mine[None, :]] = np.inf
+                    n_neg[a + rows] -= len(mine)
+            neg.sort(axis=1)
+            # Within-group similarities: groups padded to the block's largest, one batched product.
+            width = int(sizes[ga:gb].max())
+            offset = np.arange(width)
+            valid = offset[None, :] < sizes[ga:gb, None]
+            idx = np.where(valid, first[ga:gb, None] + offset[None, :] - a, 0)
+            padded = torch.from_numpy(np.where(valid[..., None], unit[wells[idx]], 0.0)).to(device)
+            within = ranking_keys(torch.bmm(padded, padded.transpose(1, 2)).reshape(-1, width))
+            gi, o, o2 = np.nonzero(valid[:, :, None] & valid[:, None, :] & (offset[:, None] != offset[None, :])[None])
+            ap[a:b], n_pos[a:b] = average_precision_of_ranks(neg, np.arange(b - a), idx[gi, o], within[gi * width + o, o2])
             if progress is not None:
                 progress("replicate retrieval", b, n)
     back = np.argsort(order, kind="stable")  # rows in table order
@@ -169,14 +203,15 @@ def _sparse_subsets(rng: np.random.Generator, rows: int, k: int, total: int) -> 
     step treats all positions alike (the law is invariant under relabelling 0..total-1), so
     the final k-subset is uniform; with 2k <= total a redraw collides with probability <= 1/2.
     """
-    r = rng.integers(0, total, size=(rows, k))
+    dtype = np.int32 if total < 2**31 else np.int64  # half the bytes to draw and sort
+    r = rng.integers(0, total, size=(rows, k), dtype=dtype)
     r.sort(axis=1)
     bad = np.flatnonzero((r[:, 1:] == r[:, :-1]).any(axis=1))
     while len(bad):
         sub = r[bad]
         dup = np.zeros(sub.shape, bool)
         dup[:, 1:] = sub[:, 1:] == sub[:, :-1]
-        sub[dup] = rng.integers(0, total, size=int(dup.sum()))
+        sub[dup] = rng.integers(0, total, size=int(dup.sum()), dtype=dtype)
         sub.sort(axis=1)
         r[bad] = sub
         bad = bad[(sub[:, 1:] == sub[:, :-1]).any(axis=1)]
@@ -242,11 +277,16 @@ def mean_average_precision(ap: pd.DataFrame, sameby: list[str], null_size: int, 
     confs, conf_of = np.unique(ap[["n_pos_pairs", "n_total_pairs"]].to_numpy(np.int64), axis=0, return_inverse=True)
     conf_of = conf_of.ravel()
     nulls = np.empty((len(confs), null_size), np.float32)
-    with all_cores():
-        for i, (m, total) in enumerate(confs):
-            nulls[i] = null_average_precision(int(m), int(total), null_size, seed)
+
+    def build(i: int) -> None:
+        nulls[i] = null_average_precision(int(confs[i][0]), int(confs[i][1]), null_size, seed)
+
+    # numpy releases the GIL while drawing, sorting and summing: configurations in threads use
+    # every core, and each has its own generator, so the result does not depend on scheduling.
+    with ThreadPoolExecutor(cpu_cores()) as pool:
+        for done, _ in enumerate(pool.map(build, range(len(confs))), 1):
             if progress is not None:
-                progress("mAP null distributions", i + 1, len(confs))
+                progress("mAP null distributions", done, len(confs))
     grouped = ap.groupby(sameby, observed=True, sort=True)
     out = grouped[["average_precision", "normalized_average_precision"]].mean().reset_index()
     out.columns = list(sameby) + ["mean_average_precision", "mean_normalized_average_precision"]

@@ -2,10 +2,15 @@
 
 Profiles are L2-normalized once (float64; a zero row stays zero and has similarity 0 with
 everything). Similarities are computed for a block of query rows against all candidates at a
-time, ``queries[block] @ candidates.T`` in torch on the chosen device, and handed to *tasks* that
-keep only what they need (a top-k, a rank count): the n × n matrix never exists, memory is
-``block × n``. Several tasks can share one pass (:func:`scan`), so NSC, NSCB, target matching
+time, ``queries[block] @ candidates.T`` in torch on the chosen device, and handed to *tasks*
+that keep only what they need (a top-k, rank counts): the n × n matrix never exists, memory
+is ``block × n``. Several tasks share one pass (:func:`scan`), so NSC, NSCB, target matching
 and the MOA/target mAP of one treatment table cost one matrix product.
+
+What a task may do per block is chosen for cost, since at 10⁵ rows every pass over the
+block counts: a top-k (torch), one sort of float32 ranking keys per row (numpy's vectorized
+sort is ~20x faster than torch's on CPU), and gathers of the few entries that rules single
+out (same compound, same label: sparse index lists). Masks of the block's size are avoided.
 
 Similarities stay float64 on every device: neighbours then equal a brute-force float64
 computation, and ranks equal copairs' (which rounds float64 cosines to float32) without
@@ -23,8 +28,8 @@ import numpy as np
 
 Progress = Callable[..., None]  # (stage, completed, total, info="")
 
-# Bytes of similarities per block (float64). Tasks make a few same-sized temporaries (masks,
-# keys, rank counts), so a CPU block costs ~5x this; the GPU has room for larger blocks.
+# Bytes of float64 similarities per block. Tasks keep a few buffers of the same shape
+# (float32 keys, one sorted copy, one masked copy), so a block costs ~3x this.
 BLOCK_BYTES_CPU = 48 * 2**20
 BLOCK_BYTES_GPU = 512 * 2**20
 
@@ -50,6 +55,14 @@ def resolve_device(spec="auto"):
     return _resolve(spec) if isinstance(spec, str) else spec
 
 
+def cpu_cores() -> int:
+    """Cores this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
 @contextmanager
 def all_cores() -> Iterator[None]:
     """Let torch use every core this process may run on (torch defaults to the physical
@@ -57,11 +70,7 @@ def all_cores() -> Iterator[None]:
     import torch
 
     before = torch.get_num_threads()
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        cores = os.cpu_count() or 1
-    torch.set_num_threads(max(1, cores))
+    torch.set_num_threads(cpu_cores())
     try:
         yield
     finally:
@@ -74,14 +83,68 @@ def block_rows(n_candidates: int, device, block_bytes: int | None = None) -> int
     return int(max(1, min(65536, budget // (8 * max(1, n_candidates)))))
 
 
+class Scratch:
+    """Buffers of ``rows × n`` reused from block to block (fresh large arrays cost page faults)."""
+
+    def __init__(self, rows: int, n: int, device):
+        self.rows, self.n, self.device = rows, n, device
+        self._np: dict[str, np.ndarray] = {}
+        self._torch: dict[str, object] = {}
+
+    def array(self, name: str, rows: int, dtype=np.float32) -> np.ndarray:
+        if name not in self._np:
+            self._np[name] = np.empty((self.rows, self.n), dtype)
+        return self._np[name][:rows]
+
+    def tensor(self, name: str, rows: int, dtype=None):
+        import torch
+
+        if name not in self._torch:
+            self._torch[name] = torch.empty((self.rows, self.n), dtype=dtype or torch.float64, device=self.device)
+        return self._torch[name][:rows]
+
+
+class Block:
+    """Rows ``start..stop-1`` (unit rows ``x``) and their similarities ``sim`` (rows, n) with
+    every row; derived arrays several tasks need are computed once."""
+
+    def __init__(self, start: int, stop: int, x, sim, scratch: Scratch, top_k: int = 0):
+        self.start, self.stop, self.x, self.sim, self.scratch = start, stop, x, sim, scratch
+        self.top_k = top_k
+        self._keys: np.ndarray | None = None
+        self._top = None
+
+    @property
+    def rows(self) -> int:
+        return self.stop - self.start
+
+    def keys(self) -> np.ndarray:
+        """copairs' ranking keys ``1 - float32(sim)`` (float32, CPU), see :func:`ranking_keys`."""
+        if self._keys is None:
+            self._keys = ranking_keys(self.sim, self.scratch.array("keys", self.rows))
+        return self._keys
+
+    def top(self):
+        """:func:`topk_first` of each row over all columns, ``top_k`` long (the most any task
+        asked for): one top-k pass shared by the tasks; each keeps its allowed entries."""
+        if self._top is None:
+            self._top = topk_first(self.sim, self.top_k)
+        return self._top
+
+
 class BlockTask(Protocol):
-    """Something computed from blocks of similarities of one table with itself."""
+    """Something computed from blocks of similarities of one table with itself.
 
-    def start(self, device) -> None:
-        """Move the task's codes and masks to ``device`` before the first block."""
+    ``top_k``: the length of the shared per-row top-k list the task reads (0: none).
+    """
 
-    def consume(self, start: int, stop: int, sim) -> None:
-        """``sim`` (stop - start, n): cosine similarities of rows start..stop-1 with all rows."""
+    top_k: int
+
+    def start(self, device, x) -> None:
+        """Before the first block: ``x`` (n, d), the unit rows on ``device``."""
+
+    def consume(self, block: Block) -> None:
+        """Take what the task needs from one block."""
 
 
 def scan(unit: np.ndarray, tasks: Iterable[BlockTask], device="cpu", block: int | None = None,
@@ -97,15 +160,41 @@ def scan(unit: np.ndarray, tasks: Iterable[BlockTask], device="cpu", block: int 
     with all_cores(), torch.no_grad():
         x = torch.from_numpy(np.ascontiguousarray(unit, dtype=np.float64)).to(device)
         for t in tasks:
-            t.start(device)
+            t.start(device, x)
         step = block or block_rows(n, device)
+        scratch = Scratch(min(step, n), n, device)
+        top_k = max(getattr(t, "top_k", 0) for t in tasks)
         for start in range(0, n, step):
             stop = min(n, start + step)
-            sim = x[start:stop] @ x.T
+            sim = scratch.tensor("sim", stop - start)
+            torch.mm(x[start:stop], x.T, out=sim)
+            blk = Block(start, stop, x[start:stop], sim, scratch, top_k)
             for t in tasks:
-                t.consume(start, stop, sim)
+                t.consume(blk)
             if progress is not None:
                 progress(stage, stop, n)
+
+
+def ranking_keys(sim, out: np.ndarray | None = None) -> np.ndarray:
+    """copairs' ranking key of a similarity: ``1 - float32(sim)`` in float32, ascending.
+
+    copairs stores cosines as float32 and sorts on ``1 - sim``; two candidates whose keys are
+    equal are tied, and a positive ranks before a negative it is tied with. Returns a CPU
+    float32 array (``out`` when given).
+    """
+    import torch
+
+    if sim.device.type != "cpu":
+        keys = (1 - sim.to(torch.float32)).cpu().numpy()
+        if out is None:
+            return keys
+        out[...] = keys
+        return out
+    s = sim.numpy()
+    out = np.empty(s.shape, np.float32) if out is None else out
+    np.copyto(out, s, casting="same_kind")  # round to float32 first, then 1 - x in float32
+    np.subtract(np.float32(1), out, out=out)
+    return out
 
 
 def topk_first(masked, k: int):
@@ -113,77 +202,98 @@ def topk_first(masked, k: int):
     (``np.argsort(-x, kind="stable")``'s order, which torch.topk does not promise).
 
     ``masked`` (B, n): excluded entries hold -inf. Returns (values, indices), (B, min(k, n));
-    a row with fewer than k finite entries has -inf values in its last places.
+    a row with fewer than k finite entries has -inf values in its last places. One
+    ``topk`` pass; only rows with a tie across the k-th place take a second look.
     """
     import torch
 
-    kk = min(k, masked.shape[1])
+    n = masked.shape[1]
+    kk = min(k, n)
+    vals, cols = masked.topk(min(kk + 1, n), dim=1)
+    tied = vals[:, kk - 1] == vals[:, kk] if n > kk else torch.zeros(len(vals), dtype=torch.bool, device=vals.device)
+    vals, cols = vals[:, :kk], cols[:, :kk]
+    order = cols.argsort(dim=1)  # the set is right; order it by (value desc, column asc)
+    vals, cols = vals.gather(1, order), cols.gather(1, order)
+    order = torch.sort(vals, dim=1, descending=True, stable=True).indices
+    vals, cols = vals.gather(1, order), cols.gather(1, order)
+    if bool(tied.any()):
+        rows = tied.nonzero()[:, 0]
+        vals[rows], cols[rows] = _topk_first_tied(masked[rows], kk)
+    return vals, cols
+
+
+def _topk_first_tied(masked, kk: int):
+    """:func:`topk_first` for rows with ties at the k-th place: all entries above the k-th
+    value, then the tied ones in column order."""
+    import torch
+
     kth = masked.topk(kk, dim=1).values[:, -1:]
     above = masked > kth
-    need = kk - above.sum(1, keepdim=True)
     equal = masked == kth
-    tied = equal.sum(1, keepdim=True) > need
-    take = above | equal
-    if bool(tied.any()):  # keep only the first `need` of the tied entries, by column
-        rows = tied.squeeze(1)
-        e = equal[rows]
-        take[rows] = above[rows] | (e & (e.cumsum(1) <= need[rows]))
-    cols = take.nonzero()[:, 1].view(masked.shape[0], kk)  # ascending columns per row
+    need = kk - above.sum(1, keepdim=True)
+    take = above | (equal & (equal.cumsum(1) <= need))
+    cols = take.nonzero()[:, 1].view(masked.shape[0], kk)
     vals = masked.gather(1, cols)
     order = torch.sort(vals, dim=1, descending=True, stable=True).indices
     return vals.gather(1, order), cols.gather(1, order)
 
 
-def ranking_keys(sim):
-    """copairs' ranking key of a similarity: ``1 - float32(sim)`` in float32, ascending.
-
-    copairs stores cosines as float32 and sorts on ``1 - sim``; two candidates whose keys are
-    equal are tied, and a positive ranks before a negative it is tied with.
-    """
-    return 1 - sim.to(dtype=_float32())
-
-
-def average_precision_from_keys(pos_keys, neg_keys, neg_mask=None):
-    """Average precision per row from ranking keys, without sorting the negatives.
-
-    ``pos_keys`` (E, P): the positives' keys in ascending order, padded with +inf;
-    ``neg_keys`` (E, n): candidate keys, of which ``neg_mask`` (E, n; all when None) are the
-    negatives. A negative ranks before the i-th positive when its key is smaller (ties go to the
-    positive), so with ``c[i]`` negatives ahead of it the i-th positive sits at rank ``i + c[i]``
-    and AP = mean_i i / (i + c[i]), copairs' definition. Returns float64 AP (NaN without
-    positives), the number of positives and the number of negatives, as CPU numpy arrays.
-    """
+def first_allowed(vals, cols, allowed, k: int):
+    """From top-k' lists (:func:`topk_first`) keep the first ``k`` entries that are allowed
+    and finite: (cols (B, k), valid (B, k), short (B,)); invalid places hold column 0.
+    ``short``: rows with fewer than k such entries whose list may go on (its last value is
+    finite): their answer may lie beyond the list."""
     import torch
 
-    e, p = pos_keys.shape
-    n_pos = torch.isfinite(pos_keys).sum(1)
-    # How many positives rank ahead of each negative: 0..P; non-negatives go to bin P + 1.
-    ahead = torch.searchsorted(pos_keys, neg_keys.contiguous(), right=True)
-    if neg_mask is not None:
-        ahead.masked_fill_(~neg_mask, p + 1)
-    hist = torch.zeros((e, p + 2), dtype=torch.int64, device=pos_keys.device)
-    hist.scatter_add_(1, ahead, torch.ones_like(ahead))
-    n_neg = hist[:, : p + 1].sum(1)
-    before = hist[:, :p].cumsum(1).to(torch.float64)  # negatives ahead of positive i (1-based i)
-    i = torch.arange(1, p + 1, dtype=torch.float64, device=pos_keys.device)
-    prec = torch.where(i[None, :] <= n_pos[:, None], i / (i + before), torch.zeros((), dtype=torch.float64, device=pos_keys.device))
+    ok = allowed & torch.isfinite(vals)
+    rank = ok.cumsum(1)
+    keep = ok & (rank <= k)
+    slot = torch.where(keep, rank - 1, torch.full_like(rank, k))  # k: a dump column
+    out = torch.zeros((len(cols), k + 1), dtype=cols.dtype, device=cols.device)
+    valid = torch.zeros((len(cols), k + 1), dtype=torch.bool, device=cols.device)
+    out.scatter_(1, slot, cols)
+    valid.scatter_(1, slot, keep)
+    short = (keep.sum(1) < k) & torch.isfinite(vals[:, -1])
+    return out[:, :k], valid[:, :k], short
+
+
+def average_precision_of_ranks(neg_sorted: np.ndarray, group_row: np.ndarray, pos_group: np.ndarray,
+                               pos_keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """AP of rankings, from each row's negatives and each ranking's positives.
+
+    ``neg_sorted`` (R, n): per row, the ranking keys of its negatives in ascending order
+    (+inf where a column is not a negative); ``group_row`` (G,): the row of each ranking,
+    ascending (one row can hold several rankings, e.g. one per target); positives: their
+    ranking and their key. A negative ranks before a positive when its key is smaller (ties
+    go to the positive), so the i-th positive in key order sits at rank ``i + c_i``, c_i the
+    negatives with a smaller key, and AP = mean_i i / (i + c_i): copairs' definition.
+    Returns AP (NaN without positives) and the number of positives per ranking.
+    """
+    n_groups = len(group_row)
+    # One float64 sort orders positives by (ranking, key): keys are float32 in [0, 2], so
+    # ranking * 4 + key is exact and its parts come back by floor division.
+    packed = np.sort(pos_group * 4.0 + pos_keys)
+    pos_group = (packed // 4).astype(np.int64)
+    pos_keys = (packed - pos_group * 4.0).astype(np.float32)
+    rows = group_row[pos_group]
+    ahead = np.empty(len(pos_keys), np.int64)
+    cuts = np.flatnonzero(np.diff(rows)) + 1
+    for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, len(rows)]):
+        if hi > lo:
+            ahead[lo:hi] = np.searchsorted(neg_sorted[rows[lo]], pos_keys[lo:hi], side="left")
+    n_pos = np.bincount(pos_group, minlength=n_groups)
+    first = np.cumsum(n_pos) - n_pos
+    i = np.arange(1, len(pos_group) + 1) - first[pos_group]
+    total = np.bincount(pos_group, weights=i / (i + ahead), minlength=n_groups)
     with np.errstate(divide="ignore", invalid="ignore"):
-        ap = (prec.sum(1) / n_pos).cpu().numpy()
-    return ap, n_pos.cpu().numpy(), n_neg.cpu().numpy()
+        return total / n_pos, n_pos
 
 
-def positive_keys(keys, pos_mask, width: int | None = None):
-    """The keys of each row's positives in ascending order, +inf padded to ``width`` columns."""
-    import torch
-
-    width = int(pos_mask.sum(1).max()) if width is None else width
-    if width == 0:
-        return torch.full((keys.shape[0], 0), float("inf"), dtype=keys.dtype, device=keys.device)
-    masked = torch.where(pos_mask, keys, torch.full((), float("inf"), dtype=keys.dtype, device=keys.device))
-    return masked.topk(width, dim=1, largest=False, sorted=True).values
-
-
-def _float32():
-    import torch
-
-    return torch.float32
+def concat_ranges(starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
+    """``np.concatenate([np.arange(a, b) for a, b in zip(starts, stops)])`` without the loop."""
+    lengths = stops - starts
+    total = int(lengths.sum())
+    if total == 0:
+        return np.zeros(0, np.int64)
+    offsets = np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
+    return np.arange(total) + offsets

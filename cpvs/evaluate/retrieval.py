@@ -25,7 +25,7 @@ import pandas as pd
 from scipy import sparse
 
 from cpvs.errors import CpvsError
-from cpvs.evaluate.engine import Progress, resolve_device, scan, topk_first, unit_rows
+from cpvs.evaluate.engine import Progress, concat_ranges, first_allowed, resolve_device, scan, topk_first, unit_rows
 
 
 @dataclass
@@ -71,7 +71,9 @@ class NearestNeighborTask:
     """NSC (``across_batches=False``) or NSCB (``True``) over the rows of ``profiles``.
 
     Construct, feed to :func:`~cpvs.evaluate.engine.scan` with the unit rows of the same
-    table, then :meth:`result`.
+    table, then :meth:`result`. Per block the answer is the first allowed row of the block's
+    shared top-k list, k = (most rows of one compound) + 1 at least, so NSC always finds it
+    there; NSCB rows whose list holds only their own batch take a second, masked look.
     """
 
     def __init__(self, profiles: pd.DataFrame, label_col: str, compound_col: str, batch_col: str | None = None,
@@ -95,6 +97,9 @@ class NearestNeighborTask:
         self.compounds = df[compound_col].astype(str).to_numpy()
         self.comp = codes(df[compound_col])
         self.batch = codes(df[batch_col]) if across_batches else None
+        self.k = int(np.bincount(self.comp[kept]).max()) + 1  # holds a row of another compound
+        # NSCB reads further down the shared list: the best row of another batch is usually there.
+        self.top_k = self.k + (16 if across_batches else 0)
         # A class with one compound can never be matched (e.g. a positive control): not a query.
         n_compounds = df[kept].groupby(label_col)[compound_col].nunique()
         self.single = sorted(n_compounds[n_compounds < 2].index.astype(str))
@@ -104,22 +109,53 @@ class NearestNeighborTask:
         self.sim = np.full(n, -np.inf)
         self.has = np.zeros(n, bool)
 
-    def start(self, device) -> None:
+    def start(self, device, x) -> None:
         self._comp = _tensor(self.comp, device)
         self._kept = _tensor(self.kept, device)
         self._batch = None if self.batch is None else _tensor(self.batch, device)
+        # One-hot classes for the masked look: row class c excludes column class c (its batch;
+        # class 0 = "every row", held by the columns never allowed).
+        n_cls = 1 + (0 if self.batch is None else int(self.batch.max()) + 1)
+        rows, cols = np.zeros((len(self.kept), n_cls)), np.zeros((n_cls, len(self.kept)))
+        rows[:, 0], cols[0] = 1, ~self.kept
+        if self.batch is not None:
+            rows[np.arange(len(self.batch)), 1 + self.batch] = 1
+            cols[1 + self.batch, np.arange(len(self.batch))] = 1
+        self._row_cls, self._col_cls = _tensor(rows, device), _tensor(cols, device)
 
-    def consume(self, start: int, stop: int, sim) -> None:
-        if not self.kept[start:stop].any():
+    def consume(self, block) -> None:
+        s, e = block.start, block.stop
+        if not self.kept[s:e].any():
             return
-        allowed = (self._comp[start:stop, None] != self._comp[None, :]) & self._kept[None, :]
+        rows = np.arange(block.rows)
+        vals, cols = block.top()
+        best, valid, short = first_allowed(vals, cols, self._allowed(cols, s + rows, vals), 1)
+        self._store(s + rows, best[:, 0], valid[:, 0], block.sim.gather(1, best)[:, 0])
+        short = short.cpu().numpy() & self.kept[s:e]
+        if short.any():
+            # The shared list held no allowed row (NSCB: all of its own batch). Subtract 4 from
+            # the excluded entries (cosines are >= -1, so they fall below every allowed one;
+            # allowed entries get + 0, unchanged) and look again.
+            sub = _tensor(rows[short], block.sim.device)
+            masked = block.sim.index_select(0, sub).addmm_(self._row_cls[s + sub], self._col_cls, alpha=-4)
+            vals, cols = topk_first(masked, self.k)
+            best, valid, _ = first_allowed(vals, cols, self._allowed(cols, s + rows[short], vals), 1)
+            self._store(s + rows[short], best[:, 0], valid[:, 0], masked.gather(1, best)[:, 0])
+
+    def _allowed(self, cols, q: np.ndarray, vals):
+        """Candidates ``cols`` (len(q), k) that query rows ``q`` may match (masked ones hold < -2)."""
+        qt = _tensor(q, cols.device)
+        ok = (self._comp[cols] != self._comp[qt][:, None]) & self._kept[cols] & (vals > -2)
         if self._batch is not None:
-            allowed &= self._batch[start:stop, None] != self._batch[None, :]
-        masked = sim.masked_fill(~allowed, float("-inf"))
-        best = masked.argmax(1)  # the first maximum: lowest index among exact ties
-        self.best[start:stop] = best.cpu().numpy()
-        self.sim[start:stop] = masked.gather(1, best[:, None]).squeeze(1).cpu().numpy()
-        self.has[start:stop] = allowed.any(1).cpu().numpy()
+            ok &= self._batch[cols] != self._batch[qt][:, None]
+        return ok
+
+    def _store(self, q: np.ndarray, best, valid, sim) -> None:
+        import torch
+
+        self.best[q] = best.cpu().numpy()
+        self.has[q] = valid.cpu().numpy()
+        self.sim[q] = torch.where(valid, sim, float("-inf")).cpu().numpy()
 
     def result(self) -> MatchResult:
         kept, has = self.kept, self.has & self.kept
@@ -187,13 +223,37 @@ def incidence(sets: list[frozenset[str]]) -> tuple[sparse.csr_matrix, list[str]]
     return m, vocab
 
 
-def sharing_block(m: sparse.csr_matrix, mt: sparse.csr_matrix, start: int, stop: int) -> np.ndarray:
-    """(stop - start, n) bool: rows start..stop-1 share at least one label with each row."""
-    return (m[start:stop] @ mt).toarray() > 0
+def same_code_matrix(code: np.ndarray, among: np.ndarray) -> sparse.csr_matrix:
+    """(n, n) 0/1: row i has the rows j in ``among`` (bool) with ``code[j] == code[i]``."""
+    members = np.flatnonzero(among)
+    members = members[np.argsort(code[members], kind="stable")]
+    counts = np.bincount(code[members], minlength=int(code.max()) + 1)
+    first = np.cumsum(counts) - counts
+    starts, stops = first[code], first[code] + counts[code]
+    cols = members[concat_ranges(starts, stops)]
+    indptr = np.r_[0, np.cumsum(stops - starts)]
+    return sparse.csr_matrix((np.ones(len(cols), np.int8), cols, indptr), shape=(len(code), len(code)))
+
+
+def block_pairs(sub: sparse.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
+    """Nonzeros (row, column) of a sparse matrix, row by row."""
+    sub = sub.tocsr()
+    return np.repeat(np.arange(sub.shape[0]), np.diff(sub.indptr)), sub.indices.astype(np.int64)
+
+
+def sharing_pairs(m: sparse.csr_matrix, m_t: sparse.csr_matrix, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+    """(local row, column) of the rows start..stop-1 that share a label (``m``: row × label) with a row."""
+    return block_pairs(m[start:stop] @ m_t)
 
 
 class TargetTask:
-    """Target matching over the rows of ``profiles`` that have at least one target."""
+    """Target matching over the rows of ``profiles`` that have at least one target.
+
+    Per block: the first k allowed rows of the shared top-k list, k' = k + (most target rows
+    of one compound) long, which holds them unless rows without a target come first (those
+    rows take a masked look). What involves pairs sharing a target or a compound (hits, MTdist, the chance) comes from
+    sparse lists of those pairs; the sum over all other pairs from one matrix-vector product.
+    """
 
     def __init__(self, profiles: pd.DataFrame, target_col: str, compound_col: str | None = None, k: int = 5,
                  sep: str = "|", id_cols: list[str] | None = None):
@@ -208,40 +268,62 @@ class TargetTask:
         self.comp = codes(pd.Series(self.compounds))
         self.genes, _ = incidence(self.targets)
         self.genes_t = self.genes.T.tocsr()
+        self.same = same_code_matrix(self.comp, self.has)  # target rows of the same compound (self included)
+        n_same = np.diff(self.same.indptr)
+        self.kprime = k + int(n_same[self.has].max())  # holds k rows of other compounds
+        self.top_k = self.kprime
+        self.n_allowed = np.where(self.has, self.has.sum() - n_same, 0)
         self.id_cols = [c for c in (id_cols or []) if c in df.columns]
-        kk = min(k, n)
-        self.top = np.zeros((n, kk), np.int64)
+        self.top = np.zeros((n, k), np.int64)
+        self.top_valid = np.zeros((n, k), bool)
         self.top_sim = np.full(n, -np.inf)
         self.hit1 = np.zeros(n, bool)
         self.hitk = np.zeros(n, bool)
-        self.n_allowed = np.zeros(n, np.int64)
         self.n_sharing = np.zeros(n, np.int64)
-        self.sums = np.zeros(4)  # distance sum and pair count: sharing pairs, other pairs
+        self.sum_sharing = np.zeros(n)  # similarities to candidates sharing a target
+        self.sum_allowed = np.zeros(n)  # similarities to all candidates
 
-    def start(self, device) -> None:
-        self._device = device
+    def start(self, device, x) -> None:
         self._comp = _tensor(self.comp, device)
         self._has = _tensor(self.has, device)
+        self._others = _tensor((~self.has).astype(float)[None, :], device)  # 1 x n: columns without a target
+        self._total = x[self._has].sum(0)  # sum of the target rows: sims to all of them at once
 
-    def consume(self, start: int, stop: int, sim) -> None:
-        import torch
-
-        if not self.has[start:stop].any():
+    def consume(self, block) -> None:
+        s, e = block.start, block.stop
+        if not self.has[s:e].any():
             return
-        allowed = (self._comp[start:stop, None] != self._comp[None, :]) & self._has[None, :] & self._has[start:stop, None]
-        shares = _tensor(sharing_block(self.genes, self.genes_t, start, stop), self._device)
-        pos, neg = allowed & shares, allowed & ~shares
-        n_pos, n_neg = pos.sum(), neg.sum()
-        # Sum of 1 - s over a mask = count - sum of s: no block of distances.
-        self.sums += np.array([float(n_pos - (sim * pos).sum()), float(n_pos), float(n_neg - (sim * neg).sum()), float(n_neg)])
-        self.n_allowed[start:stop] = allowed.sum(1).cpu().numpy()
-        self.n_sharing[start:stop] = pos.sum(1).cpu().numpy()
-        vals, cols = topk_first(sim.masked_fill(~allowed, float("-inf")), self.k)
-        hits = shares.gather(1, cols) & torch.isfinite(vals)
-        self.top[start:stop] = cols.cpu().numpy()
-        self.top_sim[start:stop] = vals[:, 0].cpu().numpy()
-        self.hit1[start:stop] = hits[:, 0].cpu().numpy()
-        self.hitk[start:stop] = hits.any(1).cpu().numpy()
+        sim = block.sim
+        rows = np.arange(block.rows)
+        vals, cols = block.top()
+        top, valid, short = first_allowed(vals, cols, self._allowed(cols, s + rows, vals), self.k)
+        top, valid, short = top.cpu().numpy(), valid.cpu().numpy(), short.cpu().numpy() & self.has[s:e]
+        if short.any():  # rows without a target ahead in the list: push them below -2, look again
+            sub = rows[short]
+            masked = sim.index_select(0, _tensor(sub, sim.device))
+            masked.addmm_(masked.new_ones((len(sub), 1)), self._others, alpha=-4)
+            v, c = topk_first(masked, self.kprime)
+            t, ok, _ = first_allowed(v, c, self._allowed(c, s + sub, v), self.k)
+            top[sub], valid[sub] = t.cpu().numpy(), ok.cpu().numpy()
+        self.top[s:e], self.top_valid[s:e] = top, valid
+        self.top_sim[s:e] = np.where(valid[:, 0], sim.gather(1, _tensor(top[:, :1], sim.device))[:, 0].cpu().numpy(), -np.inf)
+        r, c = np.nonzero(valid)
+        hits = np.zeros(valid.shape, bool)
+        hits[r, c] = np.asarray(self.genes[s + r].multiply(self.genes[top[r, c]]).sum(1)).ravel() > 0
+        self.hit1[s:e], self.hitk[s:e] = hits[:, 0], hits.any(1)
+        # Pairs sharing a target, of another compound; then all candidates: total minus own compound.
+        r, c = sharing_pairs(self.genes, self.genes_t, s, e)  # self included
+        keep = self.comp[s + r] != self.comp[c]
+        r, c = r[keep], c[keep]
+        self.n_sharing[s:e] = np.bincount(r, minlength=block.rows)
+        self.sum_sharing[s:e] = np.bincount(r, weights=_gather(sim, r, c), minlength=block.rows)
+        r, c = block_pairs(self.same[s:e])
+        own = np.bincount(r, weights=_gather(sim, r, c), minlength=block.rows)
+        self.sum_allowed[s:e] = np.where(self.has[s:e], (block.x @ self._total).cpu().numpy() - own, 0)
+
+    def _allowed(self, cols, q: np.ndarray, vals):
+        qt = _tensor(q, cols.device)
+        return (self._comp[cols] != self._comp[qt][:, None]) & self._has[cols] & self._has[qt][:, None] & (vals > -2)
 
     def result(self) -> TargetResult:
         q = np.flatnonzero(self.has & (self.n_allowed > 0))
@@ -253,12 +335,22 @@ class TargetTask:
             "neighbor_targets": [join(sorted(self.targets[j])) for j in first], "similarity": self.top_sim[q],
             "top1": self.hit1[q], f"top{self.k}": self.hitk[q],
         })
-        s = self.sums
+        n_share, n_other = self.n_sharing[q].sum(), (self.n_allowed[q] - self.n_sharing[q]).sum()
+        s_share = self.sum_sharing[q].sum()
+        s_other = self.sum_allowed[q].sum() - s_share
         # The chance a random candidate of the top-1 (another compound) shares a target with the
         # query, averaged over queries: what top-1 matching would score by guessing.
         chance = float(np.mean(self.n_sharing[q] / self.n_allowed[q])) if len(q) else float("nan")
         return TargetResult(len(q), int(self.hit1[q].sum()), int(self.hitk[q].sum()), self.k,
-                            s[0] / s[1] if s[1] else float("nan"), s[2] / s[3] if s[3] else float("nan"), chance, neighbors)
+                            float((n_share - s_share) / n_share) if n_share else float("nan"),
+                            float((n_other - s_other) / n_other) if n_other else float("nan"), chance, neighbors)
+
+
+def _gather(sim, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """``sim[rows, cols]`` as a CPU float64 array."""
+    if not len(rows):
+        return np.zeros(0)
+    return sim[_tensor(rows, sim.device), _tensor(cols, sim.device)].cpu().numpy()
 
 
 def target_matching(profiles: pd.DataFrame, features: list[str], target_col: str, compound_col: str | None = None,
