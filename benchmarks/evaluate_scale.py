@@ -12,9 +12,11 @@ lives in one batch, as in BBBC021). Features are float64, as CellProfiler writes
 
 Every (metric, engine) runs in a fresh subprocess that reads the Parquet table and calls
 ``evaluate_profiles``, so its seconds include reading the table (the ``read table`` row gives
-that alone) and its peak RSS (``ru_maxrss``) is the whole process, interpreter and table
-included. copairs only exists for mAP; it runs where the table has at most ``--copairs-max``
-wells. ``all`` is one run of ``--nsc --nscb --target --map``.
+that alone) and its peak RSS (``ru_maxrss``) is the whole process, interpreter, torch and table
+included. ``cpu s`` is the process's user + system time: on a shared machine wall seconds
+grow with other people's load (printed per row), CPU seconds much less. copairs only exists
+for mAP; it runs where the table has at most ``--copairs-max`` wells. ``all`` is one run of
+``--nsc --nscb --target --map``.
 """
 
 from __future__ import annotations
@@ -96,8 +98,10 @@ def child(table: str, metric: str, engine: str, out: str) -> None:
         for name, m in res.results.get("map", {}).items():
             m.drop(columns=["indices"]).to_parquet(Path(out) / f"map_{name}_{metric}_{engine}.parquet")
     seconds = time.perf_counter() - t
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
-    print(json.dumps({"seconds": seconds, "rss_gib": rss, "stages": {k: v[1] - v[0] for k, v in stages.items()},
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    rss = usage.ru_maxrss / 2**20  # KiB -> GiB (Linux)
+    print(json.dumps({"seconds": seconds, "cpu": usage.ru_utime + usage.ru_stime, "rss_gib": rss,
+                      "load": os.getloadavg()[0], "stages": {k: v[1] - v[0] for k, v in stages.items()},
                       "summary": {k: summary[k] for k in ("nsc", "nscb", "target", "map") if k in summary}}, default=float))
 
 
@@ -111,10 +115,10 @@ def run_child(table: Path, metric: str, engine: str, out: Path) -> dict:
 
 def _cell(r: dict | None) -> str:
     if r is None:
-        return f"{'—':>9} {'—':>8}"
+        return f"{'—':>8} {'—':>7} {'—':>6}"
     if "error" in r:
-        return f"{'failed':>9} {'':>8}"
-    return f"{r['seconds']:9.1f} {r['rss_gib']:8.2f}"
+        return f"{'failed':>8} {'':>7} {'':>6}"
+    return f"{r['seconds']:8.1f} {r['cpu']:7.1f} {r['rss_gib']:6.2f}"
 
 
 def main() -> None:
@@ -142,12 +146,13 @@ def main() -> None:
             print(f"\n{n} wells x {args.features} features ({(df['Metadata_Compound'] == 'DMSO').sum()} DMSO, {n_trt} treatments); "
                   f"table made in {time.perf_counter() - t:.0f} s")
             del df
-            print(f"{'metric':<11} {'cpvs s':>9} {'GiB':>8}   {'copairs s':>9} {'GiB':>8}   notes")
+            print(f"{'':<11} {'---------- cpvs ---------':>23}   {'--------- copairs -------':>23}")
+            print(f"{'metric':<11} {'wall s':>8} {'cpu s':>7} {'GiB':>6}   {'wall s':>8} {'cpu s':>7} {'GiB':>6}   load  notes")
             results = {}
             for metric in METRICS:
                 ours = run_child(table, metric, "cpvs", tmp)
                 ref = None
-                if metric in ("map", "all") and n <= args.copairs_max:
+                if metric == "map" and n <= args.copairs_max:
                     ref = run_child(table, metric, "copairs", tmp)
                 results[metric] = (ours, ref)
                 note = ""
@@ -155,17 +160,19 @@ def main() -> None:
                     note = ours["error"][:100]
                 elif metric in ("map", "all") and ours.get("stages"):
                     note = "stages: " + ", ".join(f"{k} {v:.1f} s" for k, v in ours["stages"].items())
-                print(f"{metric:<11} {_cell(ours)}   {_cell(ref)}   {note}", flush=True)
+                load = ours.get("load", float("nan"))
+                print(f"{metric:<11} {_cell(ours)}   {_cell(ref)}   {load:4.1f}  {note}", flush=True)
             ours, ref = results["all"]
             if "summary" in ours:
                 s = ours["summary"]
                 print("results (cpvs): NSC {:.1%}, NSCB {:.1%}, target top-1 {}/{}, mAP ".format(
                     s["nsc"]["score"], s["nscb"]["score"], s["target"]["top1"], s["target"]["n_queries"])
                     + ", ".join(f"{k} {v['mean_mAP']:.3f} ({v['fraction_significant']:.0%} significant)" for k, v in s["map"].items()))
+            ref = results["map"][1]
             if ref is not None and "summary" in ref:
-                for name in ours["summary"]["map"]:
-                    a = pd.read_parquet(tmp / f"map_{name}_all_cpvs.parquet")
-                    b = pd.read_parquet(tmp / f"map_{name}_all_copairs.parquet")
+                for name in ref["summary"]["map"]:
+                    a = pd.read_parquet(tmp / f"map_{name}_map_cpvs.parquet")
+                    b = pd.read_parquet(tmp / f"map_{name}_map_copairs.parquet")
                     print(f"cpvs vs copairs, mAP {name}: {len(a)} groups, max |ΔmAP| "
                           f"{np.abs(a['mean_average_precision'] - b['mean_average_precision']).max():.1e}, max |Δp| "
                           f"{np.abs(a['p_value'] - b['p_value']).max():.4f}, same FDR calls "

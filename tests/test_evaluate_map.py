@@ -223,3 +223,17 @@ def test_normalized_ap_equals_copairs():
     from cpvs.evaluate.average_precision import normalized_average_precision
 
     np.testing.assert_array_equal(normalized_average_precision(ap, m, n), normalize_ap(ap, m, n))
+
+
+def test_ranking_keys_round_like_copairs_on_every_path():
+    """copairs: float32 cosines, then ``1 - sim`` in float32. The CPU path casts in numpy, the
+    GPU path in torch: both must give those keys bit for bit (checked here on CPU tensors)."""
+    import torch
+
+    from cpvs.evaluate.engine import ranking_keys
+
+    rng = np.random.default_rng(0)
+    sim = np.concatenate([rng.uniform(-1, 1, 5000), 1 - rng.uniform(0, 1e-6, 500), rng.uniform(-1e-7, 1e-7, 500)])
+    expected = np.float32(1) - sim.astype(np.float32)
+    np.testing.assert_array_equal(ranking_keys(torch.from_numpy(sim)), expected)
+    np.testing.assert_array_equal((1 - torch.from_numpy(sim).to(torch.float32)).numpy(), expected)  # the GPU formula

@@ -277,6 +277,28 @@ def test_nsc_nscb_engine_equals_the_brute_force_implementation(seed, across, tie
         _assert_same_match(_engine_match(df, feats, across, block, id_cols=ids), ref)
 
 
+@pytest.mark.parametrize("mask_classes", [64, 1])
+@pytest.mark.parametrize("shifted", [4, 1])
+def test_nscb_masked_second_look_equals_the_brute_force_implementation(monkeypatch, mask_classes, shifted):
+    """A strong batch effect puts every top candidate in the query's own batch, so NSCB needs
+    its masked second look: by one-hot product (few batches; for the whole block when most
+    rows need it) or by per-batch fills (many batches)."""
+    import cpvs.evaluate.retrieval as retrieval
+
+    monkeypatch.setattr(retrieval, "MASK_CLASSES", mask_classes)
+    df, feats = _random_treatments(4, n=240)
+    df["Metadata_Batch"] = [f"b{i % 4}" for i in range(len(df))]
+    df["Metadata_MOA"] = [f"m{(i // 12) % 5}" for i in range(len(df))]
+    rng = np.random.default_rng(4)
+    offsets = np.stack([rng.normal(size=len(feats)) * 5 * (b < shifted) for b in range(4)])
+    df[feats] += offsets[np.arange(len(df)) % 4]
+    ref = reference.nearest_neighbor_matching(df, feats, "Metadata_MOA", "Metadata_Compound", "Metadata_Batch", True)
+    looks = []
+    monkeypatch.setattr(retrieval, "topk_first", lambda m, k: (looks.append(len(m)), topk_first(m, k))[1])
+    _assert_same_match(_engine_match(df, feats, True, 50), ref)
+    assert sum(looks) >= len(df) / 4  # rows of the shifted batches took the masked look
+
+
 def test_nsc_nscb_engine_equals_the_brute_force_implementation_on_bbbc021():
     res = evaluate_profiles(EvalConfig(BBBC021, nsc=True, derive=[r"Metadata_Batch=Metadata_Plate:^(Week\d+)"]))
     trt = res.treatments

@@ -29,7 +29,6 @@ from cpvs.evaluate.engine import (
 )
 from cpvs.evaluate.retrieval import incidence, sharing_pairs
 
-AP_COLUMNS = ["n_pos_pairs", "n_total_pairs", "average_precision", "normalized_average_precision"]
 ROW = "Metadata_cpvs_row"  # the query's row in the input table
 
 

@@ -124,11 +124,13 @@ class Block:
             self._keys = ranking_keys(self.sim, self.scratch.array("keys", self.rows))
         return self._keys
 
-    def top(self):
+    def top(self) -> tuple[np.ndarray, np.ndarray]:
         """:func:`topk_first` of each row over all columns, ``top_k`` long (the most any task
-        asked for): one top-k pass shared by the tasks; each keeps its allowed entries."""
+        asked for), as CPU numpy (values, columns): one top-k pass shared by the tasks; each
+        keeps its allowed entries (small arrays: numpy is quicker than torch's per-op cost)."""
         if self._top is None:
-            self._top = topk_first(self.sim, self.top_k)
+            vals, cols = topk_first(self.sim, self.top_k)
+            self._top = vals.cpu().numpy(), cols.cpu().numpy()
         return self._top
 
 
@@ -238,23 +240,20 @@ def _topk_first_tied(masked, kk: int):
     return vals.gather(1, order), cols.gather(1, order)
 
 
-def first_allowed(vals, cols, allowed, k: int):
-    """From top-k' lists (:func:`topk_first`) keep the first ``k`` entries that are allowed
-    and finite: (cols (B, k), valid (B, k), short (B,)); invalid places hold column 0.
+def first_allowed(vals: np.ndarray, cols: np.ndarray, allowed: np.ndarray, k: int):
+    """From top-k' lists (:func:`topk_first`, as numpy) keep the first ``k`` entries that are
+    allowed: (cols (B, k), valid (B, k), short (B,)); invalid places hold column 0.
     ``short``: rows with fewer than k such entries whose list may go on (its last value is
     finite): their answer may lie beyond the list."""
-    import torch
-
-    ok = allowed & torch.isfinite(vals)
-    rank = ok.cumsum(1)
-    keep = ok & (rank <= k)
-    slot = torch.where(keep, rank - 1, torch.full_like(rank, k))  # k: a dump column
-    out = torch.zeros((len(cols), k + 1), dtype=cols.dtype, device=cols.device)
-    valid = torch.zeros((len(cols), k + 1), dtype=torch.bool, device=cols.device)
-    out.scatter_(1, slot, cols)
-    valid.scatter_(1, slot, keep)
-    short = (keep.sum(1) < k) & torch.isfinite(vals[:, -1])
-    return out[:, :k], valid[:, :k], short
+    rank = np.cumsum(allowed, axis=1)
+    keep = allowed & (rank <= k)
+    out = np.zeros((len(cols), k), cols.dtype)
+    valid = np.zeros((len(cols), k), bool)
+    r, c = np.nonzero(keep)
+    out[r, rank[r, c] - 1] = cols[r, c]
+    valid[r, rank[r, c] - 1] = True
+    short = (keep.sum(1) < k) & np.isfinite(vals[:, -1])
+    return out, valid, short
 
 
 def average_precision_of_ranks(neg_sorted: np.ndarray, group_row: np.ndarray, pos_group: np.ndarray,

@@ -28,6 +28,9 @@ from cpvs.errors import CpvsError
 from cpvs.evaluate.engine import Progress, concat_ranges, first_allowed, resolve_device, scan, topk_first, unit_rows
 
 
+MASK_CLASSES = 64  # most batches masked by a one-hot product (beyond: per-batch fills)
+
+
 @dataclass
 class MatchResult:
     name: str
@@ -110,18 +113,23 @@ class NearestNeighborTask:
         self.has = np.zeros(n, bool)
 
     def start(self, device, x) -> None:
-        self._comp = _tensor(self.comp, device)
-        self._kept = _tensor(self.kept, device)
-        self._batch = None if self.batch is None else _tensor(self.batch, device)
-        # One-hot classes for the masked look: row class c excludes column class c (its batch;
-        # class 0 = "every row", held by the columns never allowed).
+        # The masked look subtracts 4 from excluded entries (cosines are >= -1, so they fall
+        # below every allowed one; allowed entries get + 0, unchanged) with one product of
+        # one-hot classes: row class c excludes column class c (its batch; class 0, held by
+        # every row, marks the columns never allowed). With many batches the classes would
+        # outweigh the block: then rows of one batch at a time, their columns filled with -inf.
         n_cls = 1 + (0 if self.batch is None else int(self.batch.max()) + 1)
-        rows, cols = np.zeros((len(self.kept), n_cls)), np.zeros((n_cls, len(self.kept)))
-        rows[:, 0], cols[0] = 1, ~self.kept
-        if self.batch is not None:
-            rows[np.arange(len(self.batch)), 1 + self.batch] = 1
-            cols[1 + self.batch, np.arange(len(self.batch))] = 1
-        self._row_cls, self._col_cls = _tensor(rows, device), _tensor(cols, device)
+        self._row_cls = None
+        if n_cls <= MASK_CLASSES:
+            rows, cols = np.zeros((len(self.kept), n_cls)), np.zeros((n_cls, len(self.kept)))
+            rows[:, 0], cols[0] = 1, ~self.kept
+            if self.batch is not None:
+                rows[np.arange(len(self.batch)), 1 + self.batch] = 1
+                cols[1 + self.batch, np.arange(len(self.batch))] = 1
+            self._row_cls, self._col_cls = _tensor(rows, device), _tensor(cols, device)
+        else:
+            dropped = np.flatnonzero(~self.kept)
+            self._excluded = [_tensor(np.union1d(dropped, np.flatnonzero(self.batch == b)), device) for b in range(n_cls - 1)]
 
     def consume(self, block) -> None:
         s, e = block.start, block.stop
@@ -130,32 +138,42 @@ class NearestNeighborTask:
         rows = np.arange(block.rows)
         vals, cols = block.top()
         best, valid, short = first_allowed(vals, cols, self._allowed(cols, s + rows, vals), 1)
-        self._store(s + rows, best[:, 0], valid[:, 0], block.sim.gather(1, best)[:, 0])
-        short = short.cpu().numpy() & self.kept[s:e]
-        if short.any():
-            # The shared list held no allowed row (NSCB: all of its own batch). Subtract 4 from
-            # the excluded entries (cosines are >= -1, so they fall below every allowed one;
-            # allowed entries get + 0, unchanged) and look again.
-            sub = _tensor(rows[short], block.sim.device)
-            masked = block.sim.index_select(0, sub).addmm_(self._row_cls[s + sub], self._col_cls, alpha=-4)
-            vals, cols = topk_first(masked, self.k)
-            best, valid, _ = first_allowed(vals, cols, self._allowed(cols, s + rows[short], vals), 1)
-            self._store(s + rows[short], best[:, 0], valid[:, 0], masked.gather(1, best)[:, 0])
+        self._store(block, s + rows, best[:, 0], valid[:, 0])
+        short &= self.kept[s:e]
+        if not short.any():
+            return
+        # The shared list held no allowed row (NSCB: all of its own batch): a masked look.
+        if self._row_cls is None:
+            parts = [rows[short & (self.batch[s:e] == b)] for b in np.unique(self.batch[s:e][short])]
+        else:
+            parts = [rows[short]]
+        for sub in parts:
+            st = _tensor(sub, block.sim.device)
+            if self._row_cls is None:
+                masked = block.sim.index_select(0, st)
+                masked.index_fill_(1, self._excluded[self.batch[s + sub[0]]], float("-inf"))
+            elif len(sub) > block.rows // 2:  # most rows: mask the whole block in one product
+                masked = torch_addmm(block.sim, self._row_cls[s:e], self._col_cls, block.scratch.tensor("masked", block.rows))
+            else:
+                masked = block.sim.index_select(0, st).addmm_(self._row_cls[s + st], self._col_cls, alpha=-4)
+            v, c = topk_first(masked, self.k)
+            v, c = v.cpu().numpy(), c.cpu().numpy()
+            if len(v) != len(sub):
+                v, c = v[sub], c[sub]
+            best, valid, _ = first_allowed(v, c, self._allowed(c, s + sub, v), 1)
+            self._store(block, s + sub, best[:, 0], valid[:, 0])
 
-    def _allowed(self, cols, q: np.ndarray, vals):
+    def _allowed(self, cols: np.ndarray, q: np.ndarray, vals: np.ndarray) -> np.ndarray:
         """Candidates ``cols`` (len(q), k) that query rows ``q`` may match (masked ones hold < -2)."""
-        qt = _tensor(q, cols.device)
-        ok = (self._comp[cols] != self._comp[qt][:, None]) & self._kept[cols] & (vals > -2)
-        if self._batch is not None:
-            ok &= self._batch[cols] != self._batch[qt][:, None]
+        ok = (self.comp[cols] != self.comp[q][:, None]) & self.kept[cols] & (vals > -2)
+        if self.batch is not None:
+            ok &= self.batch[cols] != self.batch[q][:, None]
         return ok
 
-    def _store(self, q: np.ndarray, best, valid, sim) -> None:
-        import torch
-
-        self.best[q] = best.cpu().numpy()
-        self.has[q] = valid.cpu().numpy()
-        self.sim[q] = torch.where(valid, sim, float("-inf")).cpu().numpy()
+    def _store(self, block, q: np.ndarray, best: np.ndarray, valid: np.ndarray) -> None:
+        self.best[q] = best
+        self.has[q] = valid
+        self.sim[q] = np.where(valid, _gather(block.sim, q - block.start, best), -np.inf)
 
     def result(self) -> MatchResult:
         kept, has = self.kept, self.has & self.kept
@@ -284,10 +302,8 @@ class TargetTask:
         self.sum_allowed = np.zeros(n)  # similarities to all candidates
 
     def start(self, device, x) -> None:
-        self._comp = _tensor(self.comp, device)
-        self._has = _tensor(self.has, device)
         self._others = _tensor((~self.has).astype(float)[None, :], device)  # 1 x n: columns without a target
-        self._total = x[self._has].sum(0)  # sum of the target rows: sims to all of them at once
+        self._total = x[_tensor(self.has, device)].sum(0)  # sum of the target rows: sims to all of them at once
 
     def consume(self, block) -> None:
         s, e = block.start, block.stop
@@ -297,14 +313,14 @@ class TargetTask:
         rows = np.arange(block.rows)
         vals, cols = block.top()
         top, valid, short = first_allowed(vals, cols, self._allowed(cols, s + rows, vals), self.k)
-        top, valid, short = top.cpu().numpy(), valid.cpu().numpy(), short.cpu().numpy() & self.has[s:e]
+        short &= self.has[s:e]
         if short.any():  # rows without a target ahead in the list: push them below -2, look again
             sub = rows[short]
             masked = sim.index_select(0, _tensor(sub, sim.device))
             masked.addmm_(masked.new_ones((len(sub), 1)), self._others, alpha=-4)
             v, c = topk_first(masked, self.kprime)
-            t, ok, _ = first_allowed(v, c, self._allowed(c, s + sub, v), self.k)
-            top[sub], valid[sub] = t.cpu().numpy(), ok.cpu().numpy()
+            v, c = v.cpu().numpy(), c.cpu().numpy()
+            top[sub], valid[sub], _ = first_allowed(v, c, self._allowed(c, s + sub, v), self.k)
         self.top[s:e], self.top_valid[s:e] = top, valid
         self.top_sim[s:e] = np.where(valid[:, 0], sim.gather(1, _tensor(top[:, :1], sim.device))[:, 0].cpu().numpy(), -np.inf)
         r, c = np.nonzero(valid)
@@ -321,9 +337,8 @@ class TargetTask:
         own = np.bincount(r, weights=_gather(sim, r, c), minlength=block.rows)
         self.sum_allowed[s:e] = np.where(self.has[s:e], (block.x @ self._total).cpu().numpy() - own, 0)
 
-    def _allowed(self, cols, q: np.ndarray, vals):
-        qt = _tensor(q, cols.device)
-        return (self._comp[cols] != self._comp[qt][:, None]) & self._has[cols] & self._has[qt][:, None] & (vals > -2)
+    def _allowed(self, cols: np.ndarray, q: np.ndarray, vals: np.ndarray) -> np.ndarray:
+        return (self.comp[cols] != self.comp[q][:, None]) & self.has[cols] & self.has[q][:, None] & (vals > -2)
 
     def result(self) -> TargetResult:
         q = np.flatnonzero(self.has & (self.n_allowed > 0))
@@ -344,6 +359,13 @@ class TargetTask:
         return TargetResult(len(q), int(self.hit1[q].sum()), int(self.hitk[q].sum()), self.k,
                             float((n_share - s_share) / n_share) if n_share else float("nan"),
                             float((n_other - s_other) / n_other) if n_other else float("nan"), chance, neighbors)
+
+
+def torch_addmm(sim, rows, cols, out):
+    """``out = sim - 4 * rows @ cols``: the masked copy of a whole block in one product."""
+    import torch
+
+    return torch.addmm(sim, rows, cols, alpha=-4, out=out)
 
 
 def _gather(sim, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:

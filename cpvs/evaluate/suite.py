@@ -125,11 +125,16 @@ def _batch_derive_hint(df: pd.DataFrame, batch_col: str) -> str:
 
 
 def _usable_features(df: pd.DataFrame, feats: list[str], rows: np.ndarray) -> list[str]:
-    """``clean_features(df[rows], feats)`` a few columns at a time: no copy of the whole table."""
+    """``clean_features(df[rows], feats)`` (finite everywhere, not constant) a few columns at a
+    time: no copy of the whole table."""
+    if not rows.any():
+        return []
     keep = []
     for j in range(0, len(feats), 128):
         cols = feats[j:j + 128]
-        keep += clean_features(pd.DataFrame(df[cols].to_numpy(dtype=np.float64)[rows], columns=cols), cols)
+        x = df[cols].to_numpy(dtype=np.float64)[rows]
+        finite = np.isfinite(x).all(axis=0)
+        keep += [c for c, ok in zip(cols, finite & (np.where(finite, x, 0).std(axis=0) > 0)) if ok]
     return keep
 
 
@@ -238,7 +243,7 @@ def _retrieval(df: pd.DataFrame, feats: list[str], cols: dict, pert: list[str], 
         moa = df[cols["moa"]]
         rows &= (moa.notna() & (moa.astype(str) != "")).to_numpy()
     group = list(pert)
-    if cols["batch"] and (df[rows].groupby(pert)[cols["batch"]].nunique() > 1).any():
+    if cols["batch"] and (df.loc[rows, pert + [cols["batch"]]].groupby(pert)[cols["batch"]].nunique() > 1).any():
         group.append(cols["batch"])  # a treatment profile must belong to one batch for NSCB
         keep = [k for k in keep if k != cols["batch"]]
         res.notes.append("some treatments span several batches: profiles aggregated per treatment and batch")
