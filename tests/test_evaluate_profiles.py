@@ -468,3 +468,16 @@ def test_a_table_without_metadata_columns_says_how_to_join_them(tmp_path):
     text = " ".join(r.output.split())
     assert "no metadata columns" in text and "cpvs profile" in text and "--join META -o OUT" in text
     assert "(none)" not in text
+
+
+@pytest.mark.parametrize("plates,expected", [
+    (["Week1_22123", "Week1_22141", "Week2_24121"], "--derive 'Metadata_Batch=Metadata_Plate:^(Week\\d+)'"),
+    (["B1-P03", "B1-P04", "B2-P01"], "--derive 'Metadata_Batch=Metadata_Plate:^(B\\d+)'"),
+    (["run7_A", "run7_B", "x_C"], "--derive 'Metadata_Batch=Metadata_Plate:^([^_]+)_'"),
+    (["BR00117006", "BR00117007"], "--derive 'Metadata_Batch=Metadata_Plate:REGEX'"),
+])
+def test_the_nscb_hint_derives_batches_from_common_plate_names(plates, expected):
+    from cpvs.evaluate.suite import _batch_derive_hint
+
+    hint = _batch_derive_hint(pd.DataFrame({"Metadata_Plate": plates}), "Metadata_Batch")
+    assert "no batch column 'Metadata_Batch'" in hint and expected in hint
