@@ -247,6 +247,7 @@ _cpvs() {
                 --k|--top-k) return ;;
                 --rounds) return ;;
                 --null-size) return ;;
+                --map-engine) COMPREPLY=($(compgen -W "cpvs copairs" -- "$cur")); return ;;
                 --seed) return ;;
                 --fid-network) COMPREPLY=($(compgen -f -- "$cur")); return ;;
                 --channels) return ;;
@@ -255,7 +256,7 @@ _cpvs() {
                 --workers) return ;;
             esac
             if [[ "$cur" == -* ]]; then
-                COMPREPLY=($(compgen -W "--nsc --nscb --target --cpcor --toxicity --active --map --images --fid --truth --truth-plate --pred --out -o --report --json --overwrite --moa-col --compound-col --batch-col --perturbation-cols --target-col --control-col --derive --negative-query --positive-query --aggregate --match-cols --method --k --top-k --rounds --null-size --seed --fid-network --channels --truth-channel-map --truth-illum-size --workers" -- "$cur"))
+                COMPREPLY=($(compgen -W "--nsc --nscb --target --cpcor --toxicity --active --map --images --fid --truth --truth-plate --pred --out -o --report --json --overwrite --moa-col --compound-col --batch-col --perturbation-cols --target-col --control-col --derive --negative-query --positive-query --aggregate --match-cols --method --k --top-k --rounds --null-size --map-engine --seed --fid-network --channels --truth-channel-map --truth-illum-size --workers" -- "$cur"))
             else
                 COMPREPLY=($(compgen -f -- "$cur"))
             fi ;;

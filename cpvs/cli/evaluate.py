@@ -14,6 +14,7 @@ from cpvs.errors import CpvsError
 
 
 CorrMethod = choices("CorrMethod", "spearman pearson")
+MapEngine = choices("MapEngine", "cpvs copairs")
 
 
 @cli_errors
@@ -26,7 +27,7 @@ def evaluate(
     cpcor: Annotated[bool, typer.Option("--cpcor", help="Per-feature correlation of PROFILES with --truth profiles of the same images/wells.")] = False,
     toxicity: Annotated[bool, typer.Option("--toxicity", help="k-NN toxicity calls trained on controls (needs --positive-query).")] = False,
     active: Annotated[bool, typer.Option("--active", help="Active subset: PCA, distance to negative controls, 1-D k-means (k = 3).")] = False,
-    map_: Annotated[bool, typer.Option("--map", help="Mean average precision of replicate, MOA and target retrieval, with p-values.")] = False,
+    map_: Annotated[bool, typer.Option("--map", help="Mean average precision of replicate, MOA and target retrieval, with p-values and FDR (copairs' definitions; see --map-engine).")] = False,
     images: Annotated[bool, typer.Option("--images", help="Image metrics (MAE, MSE, SSIM, PSNR, PCC per channel) of --pred against the truth plate.")] = False,
     fid: Annotated[bool, typer.Option("--fid", help="Fréchet distance per channel of --pred images against the truth plate (needs --fid-network).")] = False,
     truth: Annotated[Optional[Path], typer.Option(metavar="TABLE|PLATE", help="Ground truth: a profile table (for --cpcor, --toxicity) or a plate (for --images, --fid).")] = None,
@@ -50,7 +51,8 @@ def evaluate(
     method: Annotated[CorrMethod, typer.Option(help="--cpcor correlation.")] = CorrMethod("spearman"),
     k: Annotated[int, typer.Option("--k", "--top-k", help="--target: neighbours counted for the top-k match.")] = 5,
     rounds: Annotated[int, typer.Option(help="--toxicity: resampling rounds of the majority vote.")] = 100,
-    null_size: Annotated[int, typer.Option(help="--map: size of the null distribution for p-values.")] = 10000,
+    null_size: Annotated[int, typer.Option(help="--map: null APs sampled per (positives, candidates) configuration for p-values.")] = 10000,
+    map_engine: Annotated[MapEngine, typer.Option(help="--map: who computes mAP: cpvs (block-wise, bounded memory; the same APs and mAPs as copairs, p-values within Monte-Carlo error) or copairs (the reference; much slower and larger at scale).")] = MapEngine("cpvs"),
     seed: Annotated[int, typer.Option(help="Seed of resampling, null distributions and embeddings.")] = 0,
     fid_network: Annotated[Optional[Path], typer.Option(metavar="FILE", help="--fid: local Inception-v3 weights (torchvision layout) or a cpvs dino/ws-dino checkpoint; never downloaded.")] = None,
     channels: Annotated[Optional[str], typer.Option(metavar="CH,...", help="--images/--fid: channels to compare (default: the predicted stains).")] = None,
@@ -85,6 +87,7 @@ def evaluate(
             perturbation_cols=csv_list(perturbation_cols), target_col=target_col, control_col=control_col, derive=derive or [],
             negative_query=negative_query, positive_query=positive_query, aggregate=aggregate.value,
             match_cols=csv_list(match_cols) or None, method=method.value, k=k, rounds=rounds, null_size=null_size, seed=seed,
+            map_engine=map_engine.value, device=st.device,
         )
     req = EvaluateRequest(cfg, images=images, fid=fid, pred=pred,
                           truth_plate=truth_plate or (truth if truth is not None and truth_table is None else None),

@@ -152,7 +152,7 @@ def build_report(path: Path, res, cfg, extras: dict[str, Any] | None = None) -> 
         rep.kpis({"active": f"{int(a['active'].sum())}/{len(a)}"})
         rep.table(a.sort_values("distance_to_negcon", ascending=False), max_rows=30)
     if "map" in r:
-        rep.section("Mean average precision (copairs)")
+        rep.section(f"Mean average precision ({getattr(cfg, 'map_engine', 'cpvs')} engine, copairs' definitions)")
         for name, m in r["map"].items():
             rep.subsection(f"{name}: mean mAP {m['mean_average_precision'].mean():.3f}, "
                            f"{m['below_corrected_p'].mean():.0%} significant after FDR")
