@@ -33,7 +33,7 @@ _cpvs() {
                 --compression) _cpvs_words "none lzw zlib"; return ;;
                 --device) _cpvs_words "auto cpu cuda"; return ;;
             esac
-            if [[ "$cur" == -* ]]; then _cpvs_words "--out -o --plates --wells --sites --size --seed --moas --batches --workers --compression --masks --no-masks --help -h --quiet -q --device"
+            if [[ "$cur" == -* ]]; then _cpvs_words "--out -o --plates --wells --sites --size --seed --moas --batches --workers --compression --masks --no-masks --json --help -h --quiet -q --device"
             else _cpvs_files; fi ;;
         preprocess)
             case "$prev" in
@@ -45,7 +45,7 @@ _cpvs() {
                 --on-error) _cpvs_words "raise skip"; return ;;
                 --device) _cpvs_words "auto cpu cuda"; return ;;
             esac
-            if [[ "$cur" == -* ]]; then _cpvs_words "--out -o --channel-map --channels --platemap --plate-name --illum-size --size --resize-method --clip --dtype --chunk --workers --on-error --overwrite --help -h --quiet -q --device"
+            if [[ "$cur" == -* ]]; then _cpvs_words "--out -o --channel-map --channels --platemap --plate-name --illum-size --size --resize-method --clip --dtype --chunk --workers --on-error --overwrite --json --help -h --quiet -q --device"
             else _cpvs_files; fi ;;
         demo)
             case "$prev" in
@@ -53,7 +53,7 @@ _cpvs() {
                 --size|--wells|--sites|--workers) :; return ;;
                 --device) _cpvs_words "auto cpu cuda"; return ;;
             esac
-            if [[ "$cur" == -* ]]; then _cpvs_words "--out -o --size --wells --sites --workers --help -h --quiet -q --device"
+            if [[ "$cur" == -* ]]; then _cpvs_words "--out -o --size --wells --sites --workers --json --help -h --quiet -q --device"
             else _cpvs_files; fi ;;
         train)
             case "$prev" in
@@ -64,7 +64,7 @@ _cpvs() {
                 --schedule) _cpvs_words "linear cosine"; return ;;
                 --device) _cpvs_words "auto cpu cuda"; return ;;
             esac
-            if [[ "$cur" == -* ]]; then _cpvs_words "--model --data --out -o --inputs --targets --crop --batch-size --epochs --steps-per-epoch --lr --weight-decay --val-fraction --seed --precision --resume --max-minutes --workers --select --depth --width --init --critic-steps --lambda-l1 --lambda-gp --critic-lr --critic-weight-decay --pixels --label --label-dropout --ema --channel-mult --num-res-blocks --attention-downsample --head-channels --dropout --schedule --timesteps --beta-start --beta-end --channels --weak-label --arch --init-weights --out-dim --hidden-dim --bottleneck-dim --n-global --global-size --global-scale --n-local --local-size --local-scale --min-lr --warmup-epochs --teacher-momentum --teacher-temp --student-temp --eval-every --help -h --quiet -q --device"
+            if [[ "$cur" == -* ]]; then _cpvs_words "--model --data --out -o --inputs --targets --crop --batch-size --epochs --steps-per-epoch --lr --weight-decay --val-fraction --seed --precision --resume --max-minutes --workers --select --depth --width --init --critic-steps --lambda-l1 --lambda-gp --critic-lr --critic-weight-decay --pixels --label --label-dropout --ema --channel-mult --num-res-blocks --attention-downsample --head-channels --dropout --schedule --timesteps --beta-start --beta-end --channels --weak-label --arch --init-weights --out-dim --hidden-dim --bottleneck-dim --n-global --global-size --global-scale --n-local --local-size --local-scale --min-lr --warmup-epochs --teacher-momentum --teacher-temp --student-temp --eval-every --json --help -h --quiet -q --device"
             else :; fi ;;
         predict-plate)
             case "$prev" in
@@ -81,7 +81,7 @@ _cpvs() {
                 --field-strategy) _cpvs_words "resize tiles"; return ;;
                 --device) _cpvs_words "auto cpu cuda"; return ;;
             esac
-            if [[ "$cur" == -* ]]; then _cpvs_words "--out -o --checkpoint --model --channel-map --platemap --plate-name --batch-size --precision --dtype --format --shard --workers --illum-fields --on-error --overwrite --tile --stride --stitch --sampler --steps --eta --guidance --classifier --label-col --samples --seed --field-strategy --clip-denoised --no-clip-denoised --help -h --quiet -q --device"
+            if [[ "$cur" == -* ]]; then _cpvs_words "--out -o --checkpoint --model --channel-map --platemap --plate-name --batch-size --precision --dtype --format --shard --workers --illum-fields --on-error --overwrite --tile --stride --stitch --sampler --steps --eta --guidance --classifier --label-col --samples --seed --field-strategy --clip-denoised --no-clip-denoised --json --help -h --quiet -q --device"
             else _cpvs_files; fi ;;
         embed)
             case "$prev" in
@@ -92,7 +92,7 @@ _cpvs() {
                 --precision) _cpvs_words "fp32 bf16 fp16"; return ;;
                 --device) _cpvs_words "auto cpu cuda"; return ;;
             esac
-            if [[ "$cur" == -* ]]; then _cpvs_words "--checkpoint --out -o --channels --channel-map --platemap --aggregate --tvn-control-query --attention-maps --n --n-attention --precision --illum-fields --overwrite --help -h --quiet -q --device"
+            if [[ "$cur" == -* ]]; then _cpvs_words "--checkpoint --out -o --channels --channel-map --platemap --aggregate --tvn-control-query --attention-maps --n --n-attention --precision --illum-fields --overwrite --json --help -h --quiet -q --device"
             else _cpvs_files; fi ;;
         profile)
             case "$prev" in
@@ -106,7 +106,7 @@ _cpvs() {
                 --normalize) _cpvs_words "standardize robustize mad_robustize spherize"; return ;;
                 --device) _cpvs_words "auto cpu cuda"; return ;;
             esac
-            if [[ "$cur" == -* ]]; then _cpvs_words "--out -o --channel-map --channels --platemap --plate-name --nuclei-channel --cell-channel --threshold --threshold-correction --cell-threshold-correction --smoothing --min-nucleus-diameter --max-nucleus-diameter --declump-distance --max-cell-distance --keep-border --masks-from --masks-format --skip --illum-size --illum-fields --workers --shard --single-cells --aggregate --overlays --on-error --overwrite --join --normalize --control-query --by-plate --feature-select --select-ops --features-from --na-cutoff --corr-threshold --freq-cut --unique-cut --outlier-cutoff --help -h --quiet -q --device"
+            if [[ "$cur" == -* ]]; then _cpvs_words "--out -o --channel-map --channels --platemap --plate-name --nuclei-channel --cell-channel --threshold --threshold-correction --cell-threshold-correction --smoothing --min-nucleus-diameter --max-nucleus-diameter --declump-distance --max-cell-distance --keep-border --masks-from --masks-format --skip --illum-size --illum-fields --workers --shard --single-cells --aggregate --overlays --on-error --overwrite --join --normalize --control-query --by-plate --feature-select --select-ops --features-from --na-cutoff --corr-threshold --freq-cut --unique-cut --outlier-cutoff --json --help -h --quiet -q --device"
             else _cpvs_files; fi ;;
         evaluate)
             case "$prev" in
@@ -114,10 +114,11 @@ _cpvs() {
                 --moa-col|--compound-col|--batch-col|--perturbation-cols|--target-col|--control-col|--derive|--negative-query|--positive-query|--match-cols|--k|--top-k|--rounds|--null-size|--seed|--channels|--truth-illum-size|--workers) :; return ;;
                 --aggregate) _cpvs_words "median mean"; return ;;
                 --method) _cpvs_words "spearman pearson"; return ;;
+                --map-engine) _cpvs_words "cpvs copairs"; return ;;
                 --truth-channel-map) _cpvs_words "jump"; _cpvs_files; return ;;
                 --device) _cpvs_words "auto cpu cuda"; return ;;
             esac
-            if [[ "$cur" == -* ]]; then _cpvs_words "--nsc --nscb --target --cpcor --toxicity --active --map --images --fid --truth --truth-plate --pred --out -o --report --json --overwrite --moa-col --compound-col --batch-col --perturbation-cols --target-col --control-col --derive --negative-query --positive-query --aggregate --match-cols --method --k --top-k --rounds --null-size --seed --fid-network --channels --truth-channel-map --truth-illum-size --workers --help -h --quiet -q --device"
+            if [[ "$cur" == -* ]]; then _cpvs_words "--nsc --nscb --target --cpcor --toxicity --active --map --images --fid --truth --truth-plate --pred --out -o --report --json --overwrite --moa-col --compound-col --batch-col --perturbation-cols --target-col --control-col --derive --negative-query --positive-query --aggregate --match-cols --method --cellprofiler-names --no-cellprofiler-names --k --top-k --rounds --null-size --map-engine --seed --fid-network --channels --truth-channel-map --truth-illum-size --workers --help -h --quiet -q --device"
             else _cpvs_files; fi ;;
         convert)
             case "$prev" in
@@ -129,7 +130,7 @@ _cpvs() {
                 --on-error) _cpvs_words "raise skip"; return ;;
                 --device) _cpvs_words "auto cpu cuda"; return ;;
             esac
-            if [[ "$cur" == -* ]]; then _cpvs_words "--out -o --format --ngff-version --channel-map --channels --platemap --plate-name --validate --no-validate --workers --on-error --help -h --quiet -q --device"
+            if [[ "$cur" == -* ]]; then _cpvs_words "--out -o --format --ngff-version --channel-map --channels --platemap --plate-name --validate --no-validate --workers --on-error --json --help -h --quiet -q --device"
             else _cpvs_files; fi ;;
         info)
             case "$prev" in

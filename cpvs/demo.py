@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from cpvs.evaluate.images import evaluate_images
+from cpvs.evaluate.images import evaluate_images, image_grids
 from cpvs.evaluate.report import build_report
 from cpvs.evaluate.suite import EvalConfig, evaluate_profiles
 from cpvs.plate.discover import discover_plate, discover_plates
@@ -150,7 +150,8 @@ def run_demo(
         res = evaluate_profiles(cfg)
         scores[name] = res
         if name == "U-Net":
-            build_report(out / "report" / "report.html", res, cfg, {"image_metrics": evals["unet"].summary})
+            grids = image_grids(out / "pred-unet", sim.plates[1])
+            build_report(out / "report" / "report.html", res, cfg, {"image_metrics": evals["unet"].summary, "grids": grids})
     nsc = {k: v.results["nsc"] for k, v in scores.items()}
     cpcor = scores["U-Net"].results["cpcor"].summary
     summary.steps.append(Step(

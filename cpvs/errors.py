@@ -28,3 +28,14 @@ class CpvsError(Exception):
         if self.hint:
             text = f"{text}\n  fix: {self.hint}"
         return text
+
+
+class CpvsWarning(UserWarning):
+    """Something the user should know that does not stop the command (the CLI prints it as ``warning:``)."""
+
+
+def warn(message: str, path: str | Path | None = None, hint: str | None = None) -> None:
+    import warnings
+
+    text = CpvsError(message, path, hint).render()
+    warnings.warn(CpvsWarning(text), stacklevel=2)

@@ -75,7 +75,7 @@ def test_documented_command_line_parses(where, args):
     with cmd.make_context(name, list(rest)) as sub:
         if name == "train":
             p = sub.params
-            given = {k: v for k, v in p.items() if k not in ("model", "data", "out") and v is not None}
+            given = {k: v for k, v in p.items() if k not in ("model", "data", "out", "json_out") and v is not None}
             build_config(p["model"].value, p["data"], p["out"], "cpu", given)
 
 

@@ -35,7 +35,8 @@ def run(*args):
 def info_json(*args) -> dict:
     r = run(*args, "--json")
     assert r.exit_code == 0, r.output
-    return json.loads(r.output)
+    assert r.stderr == "", r.stderr  # warnings travel in the JSON, nothing beside it
+    return json.loads(r.stdout)
 
 
 # ----------------------------------------------------------------------------------------- plates
@@ -63,13 +64,15 @@ def test_a_map_that_leaves_channel_6_out_and_misspells_mito_is_reported():
     d = info_json(PEDIATRIC, "--channel-map", MITOO_MAP)
     assert d["unmapped_file_channels"] == [{"channel": 6, "plane": 1}]
     assert d["unknown_channel_names"] == ["Mitoo"]
-    assert {c["name"]: c["known"] for c in d["channels"]}["Mitoo"] is False
-    assert any("file channel 6" in w and "not in the channel map" in w for w in d["warnings"])
-    assert any("'Mitoo' is not a channel name cpvs knows" in w and "did you mean Mito?" in w for w in d["warnings"])
-    text = run(PEDIATRIC, "--channel-map", MITOO_MAP).output
-    assert re.search(r"\?\s+<- file channel 6 plane 1: not in the channel map", text)
-    assert re.search(r"Mitoo\s+<- file channel 4 plane 1 .*not a channel name cpvs knows", text)
-    assert "warning:" in text and "did you mean Mito?" in text
+    mitoo = next(c for c in d["channels"] if c["name"] == "Mitoo")
+    assert mitoo["known"] is False and mitoo["did_you_mean"] == "Mito" and mitoo["channel"] == 4
+    # Both problems are warnings of the answer (once each), not only lines of the report.
+    assert len(d["warnings"]) == 2
+    assert any("ch6" in w for w in d["warnings"]) and any("Mitoo" in w for w in d["warnings"])
+    r = run(PEDIATRIC, "--channel-map", MITOO_MAP)
+    assert re.search(r"\?\s+<- file channel 6 plane 1: not in the channel map", r.stdout)
+    assert re.search(r"Mitoo\s+<- file channel 4 plane 1 .*not a channel name cpvs knows; did you mean Mito\?", r.stdout)
+    assert r.stdout.count("warning:") == 2 and "warning:" not in r.stderr
 
 
 def test_load_data_csv_names_the_column_of_each_channel():
@@ -106,6 +109,7 @@ def test_ome_zarr_plate_reports_axis_positions_and_unmapped_ones(sim_plate, tmp_
     part = info_json(tmp_path / "p.zarr", "--channel-map", "1=DNA,2=ER,3=RNA")
     assert [(c["name"], c["channel"]) for c in part["channels"]] == [("DNA", 1), ("ER", 2), ("RNA", 3)]
     assert [u["channel"] for u in part["unmapped_file_channels"]] == [4, 5, 6, 7, 8]
+    assert sum("OME-Zarr channel" in w and "not in the channel map" in w for w in part["warnings"]) == 5
 
 
 def test_plate_info_does_not_import_torch():

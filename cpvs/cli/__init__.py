@@ -14,6 +14,7 @@ import typer
 from typer.core import TyperGroup
 
 from cpvs import __version__
+from cpvs.cli import help
 from cpvs.cli.common import State, out_console, print_error
 from cpvs.errors import CpvsError
 
@@ -112,11 +113,12 @@ def _register() -> None:
     from cpvs.cli.simulate import simulate
     from cpvs.cli.train import train
 
+    help.install()
     for name, fn in (("simulate", simulate), ("preprocess", preprocess), ("demo", demo), ("train", train),
                      ("predict-plate", predict_plate), ("embed", embed), ("profile", profile), ("evaluate", evaluate),
-                     ("convert", convert)):
+                     ("convert", convert), ("info", info)):
+        help.unwrap_docstring(fn)
         app.command(name)(fn)
-    app.command("info")(info)
 
 
 _register()

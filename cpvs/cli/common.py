@@ -7,6 +7,7 @@ import errno
 import functools
 import os
 import sys
+import warnings
 from contextlib import contextmanager
 from dataclasses import MISSING, dataclass, fields
 from enum import Enum
@@ -18,7 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from cpvs.errors import CpvsError
+from cpvs.errors import CpvsError, CpvsWarning
 from cpvs.jobs import Interrupted
 
 
@@ -48,13 +49,23 @@ def print_error(message: str) -> None:
     err_console.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    if issubclass(category, CpvsWarning):
+        err_console.print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False)
+    else:  # other libraries' warnings keep their usual form
+        warnings._showwarning_orig(message, category, filename, lineno, file, line)  # type: ignore[attr-defined]
+
+
 def cli_errors(fn: Callable) -> Callable:
     """Turn user errors into one message and exit code 2; interruptions into a resume hint."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            with warnings.catch_warnings():
+                warnings.simplefilter("always", CpvsWarning)
+                warnings.showwarning = _show_warning
+                return fn(*args, **kwargs)
         except CpvsError as e:
             print_error(escape(e.render()))
             raise typer.Exit(2) from None
@@ -191,3 +202,35 @@ PlatemapOpt = Annotated[Optional[Path], typer.Option(
     "(default: platemap.csv in the plate folder, if any).")]
 PlateNameOpt = Annotated[Optional[str], typer.Option(
     "--plate-name", metavar="NAME", help="Plate name (default: from the LoadData CSV, CV8000 file names, OME-Zarr plate metadata, or the folder name).")]
+
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout (for shell pipelines); progress and messages stay on stderr.")]
+
+
+def as_json(value) -> str:
+    """A result (dataclasses, paths, tables, numpy values) as one JSON document."""
+    import json
+
+    import numpy as np
+    import pandas as pd
+
+    from cpvs.runinfo import plain
+
+    def default(o):
+        if isinstance(o, pd.DataFrame):
+            return json.loads(o.to_json(orient="records"))
+        if isinstance(o, np.generic):
+            return o.item()
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+        return str(o)
+
+    return json.dumps(plain(value), indent=2, default=default)
+
+
+def finish(st: State, json_out: bool, result, human: Callable[[], None]) -> None:
+    """The end of a command: the JSON summary on stdout, or the human one unless --quiet."""
+    if json_out:
+        print(as_json(result))
+    elif not st.quiet:
+        human()

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cpvs.cli.common import ChannelMapOpt, OnError, PlatemapOpt, PlateNameOpt, channels as parse_channels, choices, cli_errors, out_console, progress_bar, state
+from cpvs.cli.common import JsonOpt, finish, ChannelMapOpt, OnError, PlatemapOpt, PlateNameOpt, channels as parse_channels, choices, cli_errors, out_console, progress_bar, state
 
 Format = choices("Format", "ome-zarr tiff")
 NgffVersion = choices("NgffVersion", "0.5 0.4")
@@ -27,6 +27,7 @@ def convert(
     validate: Annotated[bool, typer.Option("--validate/--no-validate", help="Validate the written OME-Zarr plate with ome-zarr-models (about 17 ms per field).")] = True,
     workers: Annotated[int, typer.Option(help="Fields read and written in parallel (threads).")] = 2,
     on_error: Annotated[OnError, typer.Option(help="raise: stop at the first bad field; skip: leave it out and report it.")] = OnError("raise"),
+    json_out: JsonOpt = False,
 ) -> None:
     """Convert a plate between TIFFs (or a LoadData CSV) and an OME-Zarr HCS plate.
 
@@ -43,10 +44,12 @@ def convert(
         results = run(plate, out, out_format.value, channel_map=channel_map, channels=parse_channels(channels), platemap=platemap,
                       plate_name=plate_name, version=ngff_version.value, workers=workers, on_error=on_error.value, progress=cb,
                       validate=validate)
-    if not st.quiet:
+    def human() -> None:
         for r in results:
             check = f", valid OME-Zarr {r.validated}" if r.validated else ""
             out_console.print(f"{r.plate}: {r.n_fields} fields of {', '.join(r.channels)} -> {r.format}: {r.n_written} written, "
                               f"{r.n_resumed} already there, {len(r.skipped)} skipped{check} ({r.seconds:.1f} s) -> {r.out}")
             for s in r.skipped[:10]:
                 out_console.print(f"  skipped {s['field']}: {s['reason']}")
+
+    finish(st, json_out, results, human)

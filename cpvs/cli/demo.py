@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from cpvs.cli.common import cli_errors, one_out, out_console, progress_bar, state
+from cpvs.cli.common import JsonOpt, finish, cli_errors, one_out, out_console, progress_bar, state
 
 
 @cli_errors
@@ -20,6 +20,7 @@ def demo(
     wells: Annotated[int, typer.Option(help="Wells per plate.")] = 16,
     sites: Annotated[int, typer.Option(help="Fields per well.")] = 2,
     workers: Annotated[int, typer.Option(help="Parallel workers.")] = 2,
+    json_out: JsonOpt = False,
 ) -> None:
     """Run the whole chain built so far on a built-in simulated example.
 
@@ -35,13 +36,15 @@ def demo(
     with progress_bar(st.quiet) as cb:
         summary = run_demo(one_out(out_arg, out, Path("cpvs-demo")), size=size, wells=wells, sites=sites, workers=workers,
                            device=st.device, progress=cb)
-    if st.quiet:
-        return
-    t = Table(title="cpvs demo", title_justify="left")
-    t.add_column("step")
-    t.add_column("result")
-    t.add_column("seconds", justify="right")
-    for step in summary.steps:
-        t.add_row(step.name, step.result, f"{step.seconds:.1f}")
-    out_console.print(t)
-    out_console.print(f"outputs in {summary.out}")
+
+    def human() -> None:
+        t = Table(title="cpvs demo", title_justify="left")
+        t.add_column("step")
+        t.add_column("result")
+        t.add_column("seconds", justify="right")
+        for step in summary.steps:
+            t.add_row(step.name, step.result, f"{step.seconds:.1f}")
+        out_console.print(t)
+        out_console.print(f"outputs in {summary.out}")
+
+    finish(st, json_out, summary, human)

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cpvs.cli.common import ChannelMapOpt, PlatemapOpt, Average, Precision, channels as parse_channels, cli_errors, out_console, progress_bar, state
+from cpvs.cli.common import JsonOpt, finish, ChannelMapOpt, PlatemapOpt, Average, Precision, channels as parse_channels, cli_errors, out_console, progress_bar, state
 
 
 @cli_errors
@@ -26,6 +26,7 @@ def embed(
     precision: Annotated[Precision, typer.Option(help="Autocast precision on GPU (the CPU always computes in fp32).")] = Precision("bf16"),
     illum_fields: Annotated[int, typer.Option(help="Plates: fields averaged for the illumination correction.")] = 256,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace tables made with another checkpoint, source or options.")] = False,
+    json_out: JsonOpt = False,
 ) -> None:
     """Embed fields with per-channel DINO / WS-DINO ViTs into Parquet tables.
 
@@ -42,9 +43,11 @@ def embed(
                       precision=precision.value, illum_fields=illum_fields, device=st.device, overwrite=overwrite)
     with progress_bar(st.quiet) as cb:
         res = run(cfg, progress=cb)
-    if not st.quiet:
+    def human() -> None:
         out_console.print(f"embedded {res.n_fields} fields x {len(res.channels)} channel(s) ({res.dim} dims each) on {res.device}"
                           + (f", TVN to {res.n_tvn} components" if res.n_tvn is not None else "")
                           + ": " + ", ".join(str(p) for p in res.tables.values()))
         if res.attention_pngs:
             out_console.print(f"attention maps in {cfg.attention_maps}")
+
+    finish(st, json_out, res, human)

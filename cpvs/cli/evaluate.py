@@ -14,6 +14,7 @@ from cpvs.errors import CpvsError
 
 
 CorrMethod = choices("CorrMethod", "spearman pearson")
+MapEngine = choices("MapEngine", "cpvs copairs")
 
 
 @cli_errors
@@ -26,7 +27,7 @@ def evaluate(
     cpcor: Annotated[bool, typer.Option("--cpcor", help="Per-feature correlation of PROFILES with --truth profiles of the same images/wells.")] = False,
     toxicity: Annotated[bool, typer.Option("--toxicity", help="k-NN toxicity calls trained on controls (needs --positive-query).")] = False,
     active: Annotated[bool, typer.Option("--active", help="Active subset: PCA, distance to negative controls, 1-D k-means (k = 3).")] = False,
-    map_: Annotated[bool, typer.Option("--map", help="Mean average precision of replicate, MOA and target retrieval, with p-values.")] = False,
+    map_: Annotated[bool, typer.Option("--map", help="Mean average precision of replicate, MOA and target retrieval, with p-values and FDR (copairs' definitions; see --map-engine).")] = False,
     images: Annotated[bool, typer.Option("--images", help="Image metrics (MAE, MSE, SSIM, PSNR, PCC per channel) of --pred against the truth plate.")] = False,
     fid: Annotated[bool, typer.Option("--fid", help="Fréchet distance per channel of --pred images against the truth plate (needs --fid-network).")] = False,
     truth: Annotated[Optional[Path], typer.Option(metavar="TABLE|PLATE", help="Ground truth: a profile table (for --cpcor, --toxicity) or a plate (for --images, --fid).")] = None,
@@ -48,9 +49,11 @@ def evaluate(
     aggregate: Annotated[Average, typer.Option(help="How wells are aggregated to treatments.")] = Average("median"),
     match_cols: Annotated[Optional[str], typer.Option(metavar="COL,...", help="--cpcor: comma-separated columns matching prediction and truth rows (default: plate, well, site).")] = None,
     method: Annotated[CorrMethod, typer.Option(help="--cpcor correlation.")] = CorrMethod("spearman"),
+    cellprofiler_names: Annotated[bool, typer.Option("--cellprofiler-names/--no-cellprofiler-names", help="--cpcor: match features whose CellProfiler pipeline named its images CorrDNA, OrigER, ... with cpvs's DNA, ER, ... (applied when it matches more features).")] = True,
     k: Annotated[int, typer.Option("--k", "--top-k", help="--target: neighbours counted for the top-k match.")] = 5,
     rounds: Annotated[int, typer.Option(help="--toxicity: resampling rounds of the majority vote.")] = 100,
-    null_size: Annotated[int, typer.Option(help="--map: size of the null distribution for p-values.")] = 10000,
+    null_size: Annotated[int, typer.Option(help="--map: null APs sampled per (positives, candidates) configuration for p-values.")] = 10000,
+    map_engine: Annotated[MapEngine, typer.Option(help="--map: who computes mAP: cpvs (block-wise, bounded memory; the same APs and mAPs as copairs, p-values within Monte-Carlo error) or copairs (the reference; much slower and larger at scale).")] = MapEngine("cpvs"),
     seed: Annotated[int, typer.Option(help="Seed of resampling, null distributions and embeddings.")] = 0,
     fid_network: Annotated[Optional[Path], typer.Option(metavar="FILE", help="--fid: local Inception-v3 weights (torchvision layout) or a cpvs dino/ws-dino checkpoint; never downloaded.")] = None,
     channels: Annotated[Optional[str], typer.Option(metavar="CH,...", help="--images/--fid: channels to compare (default: the predicted stains).")] = None,
@@ -85,6 +88,7 @@ def evaluate(
             perturbation_cols=csv_list(perturbation_cols), target_col=target_col, control_col=control_col, derive=derive or [],
             negative_query=negative_query, positive_query=positive_query, aggregate=aggregate.value,
             match_cols=csv_list(match_cols) or None, method=method.value, k=k, rounds=rounds, null_size=null_size, seed=seed,
+            map_engine=map_engine.value, device=st.device, cellprofiler_names=cellprofiler_names,
         )
     req = EvaluateRequest(cfg, images=images, fid=fid, pred=pred,
                           truth_plate=truth_plate or (truth if truth is not None and truth_table is None else None),
@@ -99,10 +103,13 @@ def evaluate(
         print_evaluation(ev.summary, ev.extras)
         for where in ev.written:
             out_console.print(f"written to {where}")
+    elif not ev.written:  # --quiet with nowhere else to go: the results must not be lost
+        print_evaluation(ev.summary, ev.extras, brief=True)
 
 
-def print_evaluation(summary: dict, extras: dict) -> None:
-    for note in summary.get("notes", []):
+def print_evaluation(summary: dict, extras: dict, brief: bool = False) -> None:
+    """The results; ``brief``: one line per evaluation, no tables or notes."""
+    for note in [] if brief else summary.get("notes", []):
         out_console.print(f"[yellow]note:[/] {note}")
     for key in ("nsc", "nscb"):
         if key in summary:
@@ -110,7 +117,7 @@ def print_evaluation(summary: dict, extras: dict) -> None:
             out_console.print(f"[bold]{key.upper()}[/] {m['score']:.1%} ({m['n_correct']}/{m['n_queries']} treatments)"
                               + (f"; left out (single batch): {', '.join(m['excluded_moas'])}" if m["excluded_moas"] else "")
                               + (f"; not queried (one compound): {', '.join(m['single_compound_moas'])}" if m["single_compound_moas"] else ""))
-    for key in ("nsc", "nscb"):
+    for key in () if brief else ("nsc", "nscb"):
         if key in summary:
             t = Table(title=f"{key.upper()} per MOA", title_justify="left")
             for c in ("MOA", "n", "correct", "accuracy"):
@@ -146,7 +153,7 @@ def print_evaluation(summary: dict, extras: dict) -> None:
     if "map" in summary:
         for name, m in summary["map"].items():
             out_console.print(f"[bold]mAP {name}[/] {m['mean_mAP']:.3f} ({m['fraction_significant']:.0%} of {m['n']} significant after FDR)")
-    if "image_metrics" in extras:
+    if "image_metrics" in extras and not brief:
         ev = extras["image_metrics"]
         t = Table(title=f"image metrics over {summary['images']['n_fields']} fields (mean ± std)", title_justify="left")
         t.add_column("channel")

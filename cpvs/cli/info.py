@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -10,7 +9,7 @@ import typer
 
 from rich.markup import escape
 
-from cpvs.cli.common import ChannelMapOpt, PlatemapOpt, PlateNameOpt, cli_errors, out_console
+from cpvs.cli.common import ChannelMapOpt, JsonOpt, PlatemapOpt, PlateNameOpt, as_json, cli_errors, out_console
 
 # Settings shown for a checkpoint in the human view; --json has them all.
 TRAINING_KEYS = ("epochs", "steps_per_epoch", "batch_size", "crop", "lr", "weight_decay", "seed", "precision", "select", "label")
@@ -22,7 +21,7 @@ def info(
     channel_map: ChannelMapOpt = None,
     platemap: PlatemapOpt = None,
     plate_name: PlateNameOpt = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the facts as JSON on stdout.")] = False,
+    json_out: JsonOpt = False,
 ) -> None:
     """Show what cpvs sees in PATH, before running anything on it.
 
@@ -38,7 +37,7 @@ def info(
 
     result = describe(path, channel_map=channel_map, platemap=platemap, plate_name=plate_name)
     if json_out:
-        print(json.dumps(result.to_dict(), indent=2, default=str))
+        print(as_json(result.to_dict()))
         return
     render = {"plate": _plate, "store": _store, "checkpoint": _checkpoint, "table": _table}
     if result.kind == "plates":
@@ -93,7 +92,9 @@ def _plate(f: dict, path: str = "") -> list[str]:
                  "OME-Zarr channel axis": f"OME-Zarr channel {c['channel']}{plane}"}.get(c["source"], c["source"])
         lo, hi = img["range"][c["name"]]
         sat = img["saturated_fraction"][c["name"]]
-        flag = (f" ({sat:.2%} saturated)" if sat else "") + ("" if c["known"] else "   <- not a channel name cpvs knows")
+        flag = f" ({sat:.2%} saturated)" if sat else ""
+        if not c["known"]:
+            flag += "   <- not a channel name cpvs knows" + (f"; did you mean {c['did_you_mean']}?" if c.get("did_you_mean") else "")
         out.append(f"    {c['name']:<{width}}  <- {where}   range {lo:g}..{hi:g}{flag}")
     for u in f["unmapped_file_channels"]:
         plane = f" plane {u['plane']}" if u["plane"] is not None else ""

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cpvs.cli.common import choices, ChannelMapOpt, PlatemapOpt, PlateNameOpt, Average, OnError, Precision, cli_errors, out_console, progress_bar, state, value
+from cpvs.cli.common import JsonOpt, finish, choices, ChannelMapOpt, PlatemapOpt, PlateNameOpt, Average, OnError, Precision, cli_errors, out_console, progress_bar, state, value
 from cpvs.errors import CpvsError
 from cpvs.predict.config import BATCH_SIZE, DiffusionOptions, PredictConfig, TileOptions
 
@@ -55,6 +55,7 @@ def predict_plate(
     seed: Annotated[Optional[int], typer.Option(help=f"Seed; a field's samples depend only on it and the field (default: {D.seed}).", rich_help_panel=P_DIFF)] = None,
     field_strategy: Annotated[Optional[FieldStrategy], typer.Option(help=f"Resize fields to the training resolution and back, or sample tiles (shared noise, stitched) (default: {D.field_strategy}).", rich_help_panel=P_DIFF)] = None,
     clip_denoised: Annotated[Optional[bool], typer.Option("--clip-denoised/--no-clip-denoised", help="Clamp each step's predicted clean image into the training targets' range (recorded in the checkpoint; older checkpoints: ±the preprocessing clip) (default: clip).", rich_help_panel=P_DIFF, show_default=False)] = None,
+    json_out: JsonOpt = False,
 ) -> None:
     """Predict the Cell Painting channels of a whole plate from brightfield.
 
@@ -84,9 +85,11 @@ def predict_plate(
     )
     with progress_bar(st.quiet) as cb:
         res = run(cfg, progress=cb)
-    if not st.quiet:
+    def human() -> None:
         rate = res.n_written / res.seconds if res.seconds else 0
         out_console.print(
             f"predicted {', '.join(res.channels)} for {res.n_fields} fields with a {res.family} model on {res.device}: "
             f"{res.n_written} written ({rate:.2f} fields/s), {res.n_resumed} already done, {len(res.skipped)} skipped -> {res.out}"
         )
+
+    finish(st, json_out, res, human)

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from cpvs.cli.common import ResizeMethod, StoreDtype, ChannelMapOpt, PlatemapOpt, PlateNameOpt, OnError, channels as parse_channels, cli_errors, out_console, progress_bar, state
+from cpvs.cli.common import JsonOpt, finish, ResizeMethod, StoreDtype, ChannelMapOpt, PlatemapOpt, PlateNameOpt, OnError, channels as parse_channels, cli_errors, out_console, progress_bar, state
 
 
 @cli_errors
@@ -29,6 +29,7 @@ def preprocess(
     workers: Annotated[int, typer.Option(help="Threads reading and processing fields.")] = 2,
     on_error: Annotated[OnError, typer.Option(help="raise: stop at the first bad field; skip: leave it out and list it in skipped.csv.")] = OnError("raise"),
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing store made with other inputs or parameters.")] = False,
+    json_out: JsonOpt = False,
 ) -> None:
     """Illumination-correct, resize, z-score and clip plates into a chunked store for training.
 
@@ -51,18 +52,18 @@ def preprocess(
             found, out, illum_size=illum_size, size=parse_size(size), resize_method=resize_method.value, clip_z=clip,
             dtype=dtype.value, chunk=chunk, workers=workers, on_error=on_error.value, overwrite=overwrite, progress=cb,
         )
-    if st.quiet:
-        return
-    t = Table(title=f"store {res.store}", title_justify="left")
-    t.add_column("channel")
-    t.add_column("median raw mean", justify="right")
-    t.add_column("median raw std", justify="right")
-    for c, s in res.channel_stats.items():
-        t.add_row(c, f"{s['mean']:.1f}", f"{s['std']:.1f}")
-    out_console.print(t)
-    out_console.print(
-        f"{len(found)} plate(s), {res.n_fields} fields of {res.shape[0]}x{res.shape[1]} px: "
-        f"{res.n_written} written, {res.n_resumed} resumed, {len(res.skipped)} skipped, {res.seconds:.1f} s"
-    )
-    if res.skipped:
-        out_console.print(f"[yellow]skipped fields are listed in {res.store / 'skipped.csv'}[/]")
+
+    def human() -> None:
+        t = Table(title=f"store {res.store}", title_justify="left")
+        t.add_column("channel")
+        t.add_column("median raw mean", justify="right")
+        t.add_column("median raw std", justify="right")
+        for c, s in res.channel_stats.items():
+            t.add_row(c, f"{s['mean']:.1f}", f"{s['std']:.1f}")
+        out_console.print(t)
+        out_console.print(f"{len(found)} plate(s), {res.n_fields} fields of {res.shape[0]}x{res.shape[1]} px: "
+                          f"{res.n_written} written, {res.n_resumed} resumed, {len(res.skipped)} skipped, {res.seconds:.1f} s")
+        if res.skipped:
+            out_console.print(f"[yellow]skipped fields are listed in {res.store / 'skipped.csv'}[/]")
+
+    finish(st, json_out, res, human)

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cpvs.cli.common import choices, Threshold, NormMethod, ChannelMapOpt, PlatemapOpt, PlateNameOpt, Average, OnError, channels as parse_channels, cli_errors, csv_list, is_table, out_console, progress_bar, state
+from cpvs.cli.common import JsonOpt, finish, choices, Threshold, NormMethod, ChannelMapOpt, PlatemapOpt, PlateNameOpt, Average, OnError, channels as parse_channels, cli_errors, csv_list, is_table, out_console, progress_bar, state
 
 MasksFormat = choices("MasksFormat", "tiff ome-zarr")
 
@@ -56,6 +56,7 @@ def profile(
     freq_cut: Annotated[float, typer.Option(help="variance_threshold: second-most-common / most-common value ratio below which a feature is near-constant.")] = 0.05,
     unique_cut: Annotated[float, typer.Option(help="variance_threshold: fraction of unique values below which a feature is near-constant.")] = 0.01,
     outlier_cutoff: Annotated[float, typer.Option(help="drop_outliers: drop features reaching this many SDs in the control rows (all rows without --control-query).")] = 15.0,
+    json_out: JsonOpt = False,
 ) -> None:
     """Profile plates (segment, measure, aggregate) or normalize and select an existing table.
 
@@ -80,9 +81,12 @@ def profile(
     post.check()
     if len(inputs) == 1 and inputs[0].is_file() and is_table(inputs[0]):
         target, rep = postprocess_table(inputs[0], post, out, join)
-        if not st.quiet:
+
+        def human() -> None:
             out_console.print(f"{rep.n_rows} rows: {rep.n_features_in} -> {rep.n_features_out} features -> {target}")
             print_postprocess(rep)
+
+        finish(st, json_out, {"table": target, "postprocess": rep}, human)
         return
     seg = SegmentParams(nuclei_channel=nuclei_channel, cell_channel=cell_channel, smoothing=smoothing, threshold=threshold.value,
                         threshold_correction=threshold_correction, cell_threshold_correction=cell_threshold_correction,
@@ -98,15 +102,22 @@ def profile(
         with progress_bar(st.quiet) as cb:
             res = profile_plate(cfg, progress=cb)
         results.append(res)
-        if not st.quiet:
+        if not (st.quiet or json_out):  # one line per plate as it finishes
             done = f"{res.n_cells} cells; tables: {', '.join(p.name for p in res.tables.values())}" if res.complete else "plate not finished yet (other shards)"
             out_console.print(f"{res.plate}: {res.n_written} fields measured, {res.n_resumed} already done, "
                               f"{len(res.skipped)} skipped in {res.seconds:.1f} s; {done}")
+    summary: dict = {"plates": results}
     if post.active and all(r.complete for r in results):
         paths, rep = postprocess_wells([r.tables["well"] for r in results], post, out, aggregate.value)
-        if not st.quiet:
+        summary["postprocess"] = {"tables": paths, "report": rep}
+
+        def human() -> None:
             out_console.print(f"wells: {rep.n_features_in} -> {rep.n_features_out} features -> {paths['well']}, {paths['perturbation']}")
             print_postprocess(rep)
+
+        finish(st, json_out, summary, human)
+    elif json_out:
+        finish(st, json_out, summary, lambda: None)
 
 
 def print_postprocess(rep) -> None:

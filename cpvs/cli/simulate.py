@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cpvs.cli.common import choices, cli_errors, one_out, out_console, progress_bar, state
+from cpvs.cli.common import JsonOpt, finish, choices, cli_errors, one_out, out_console, progress_bar, state
 
 
 Compression = choices("Compression", "none lzw zlib")
@@ -28,6 +28,7 @@ def simulate(
     workers: Annotated[int, typer.Option(help="Processes rendering fields in parallel.")] = 1,
     compression: Annotated[Compression, typer.Option(help="TIFF compression of the images (Phenix exports use lzw).")] = Compression("none"),
     masks: Annotated[bool, typer.Option("--masks/--no-masks", help="Also write ground-truth nuclei and cell label images under masks/.")] = True,
+    json_out: JsonOpt = False,
 ) -> None:
     """Write synthetic Cell Painting plates with known ground truth.
 
@@ -47,10 +48,10 @@ def simulate(
         res = run(one_out(out_arg, out), plates=plates, wells=wells, sites=sites, size=size, seed=seed, moas=moas, batches=batches,
                   workers=workers, compression=None if compression == Compression("none") else compression.value,
                   masks=masks, progress=cb)
-    if not st.quiet:
-        out_console.print(
-            f"simulated {len(res.plates)} plate(s), {res.n_fields} fields ({res.n_written} written, "
-            f"{res.n_fields - res.n_written} already there) in {res.seconds:.1f} s -> {res.out}"
-        )
+    def human() -> None:
+        out_console.print(f"simulated {len(res.plates)} plate(s), {res.n_fields} fields ({res.n_written} written, "
+                          f"{res.n_fields - res.n_written} already there) in {res.seconds:.1f} s -> {res.out}")
         for p in res.plates:
             out_console.print(f"  {p}")
+
+    finish(st, json_out, res, human)

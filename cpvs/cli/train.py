@@ -14,6 +14,7 @@ import typer
 from rich.table import Table
 
 from cpvs.cli.common import (
+    finish,
     choices,
     Precision, channels as parse_channels, cli_errors, flag, ints, is_main_rank, out_console, pair, progress_bar, state,
 )
@@ -198,6 +199,7 @@ def train(
     teacher_temp: Annotated[Optional[float], typer.Option(help=_h("Teacher softmax temperature (sharpening).", "teacher_temp"), rich_help_panel=P_DINO)] = None,
     student_temp: Annotated[Optional[float], typer.Option(help=_h("Student softmax temperature.", "student_temp"), rich_help_panel=P_DINO)] = None,
     eval_every: Annotated[Optional[int], typer.Option(help="Every N epochs, record NSC/NSCB of teacher embeddings when the store has MOAs (0: never).", rich_help_panel=P_DINO)] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout (for shell pipelines).", rich_help_panel=P_COMMON)] = False,
 ) -> None:
     """Train a model on a preprocessed store.
 
@@ -212,7 +214,7 @@ def train(
     """
     st = state(ctx)
     params = dict(locals())
-    given = {k: v for k, v in params.items() if k not in ("ctx", "st", "model", "data", "out") and v is not None}
+    given = {k: v for k, v in params.items() if k not in ("ctx", "st", "model", "data", "out", "json_out") and v is not None}
     cfg = build_config(model.value, data, out, st.device, given)
     with progress_bar(st.quiet) as cb:
         if model.value in STAINING:
@@ -228,9 +230,8 @@ def train(
             from cpvs.train.dino import train_dino
 
             res = train_dino(cfg, progress=cb, evaluate=moa_matching() if cfg.eval_every else None)
-    if st.quiet or not is_main_rank():
-        return
-    _print_result(model.value, cfg, res)
+    if is_main_rank():
+        finish(st, json_out, res, lambda: _print_result(model.value, cfg, res))
 
 
 def _print_result(model: str, cfg, res) -> None:

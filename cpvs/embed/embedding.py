@@ -74,6 +74,7 @@ def embed_store(store, models: ChannelModels, channels: list[str], device, preci
     progress = progress or (lambda *a, **k: None)
     idx = indices if indices is not None else np.flatnonzero(store.done_mask()).tolist()
     rows = []
+    progress("fields", 0, len(idx))
     for k, i in enumerate(idx):
         rows.append(embed_image(models, store.read_field(i, channels), channels, device, precision, models.input_size))
         progress("fields", k + 1, len(idx))
@@ -90,6 +91,7 @@ def embed_plate(plate, normalizer, models: ChannelModels, channels: list[str], d
                 progress: Progress | None = None) -> Embeddings:
     progress = progress or (lambda *a, **k: None)
     rows = []
+    progress("fields", 0, len(plate.fields))
     for k, f in enumerate(plate.fields):
         image, _ = normalizer.read(f)
         rows.append(embed_image(models, image, channels, device, precision, models.input_size))

@@ -26,6 +26,8 @@ MODULE_GROUPS = {
 }
 KNOWN_CHANNELS = FLUORESCENCE + BRIGHTFIELD + ("Brightfield", "DAPI", "Actin", "Tubulin", "Hoechst", "Phalloidin")
 PREFIXES = ("RescaleIntensity", "Orig", "Corr", "Illum", "Masked")
+_COMPARTMENTS = {c.lower(): c for c in COMPARTMENTS}
+_MODULES = {k.lower(): v for k, v in MODULE_GROUPS.items()}
 
 
 def _channel_of(token: str, channels: dict[str, str]) -> str | None:
@@ -42,14 +44,15 @@ def parse_feature(name: str, channels: list[str] | None = None) -> dict:
 
     ``Cells_Intensity_MeanIntensity_OrigDNA`` -> Cells, intensity, [DNA];
     ``Nuclei_Correlation_Correlation_DNA_ER`` -> Nuclei, colocalization, [DNA, ER].
-    Channel names match case-insensitively, with or without ``Orig``/``Corr``/
+    Compartments, modules and channel names match case-insensitively (exports write
+    ``NUCLEI_AREASHAPE_AREA`` too), channels with or without ``Orig``/``Corr``/
     ``RescaleIntensity`` prefixes.
     """
     lookup = {c.lower(): c for c in (channels or KNOWN_CHANNELS)}
     parts = name.split("_")
-    compartment = parts[0] if parts[0] in COMPARTMENTS else "other"
+    compartment = _COMPARTMENTS.get(parts[0].lower(), "other")
     module_raw = parts[1] if len(parts) > 1 else ""
-    module = MODULE_GROUPS.get(module_raw, module_raw.lower() or "other")
+    module = _MODULES.get(module_raw.lower(), module_raw.lower() or "other")
     found = []
     for tok in parts[2:]:
         ch = _channel_of(tok, lookup)

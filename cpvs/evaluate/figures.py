@@ -43,6 +43,13 @@ def heatmap(matrix: pd.DataFrame, title: str):
     return fig
 
 
+def category_colour(i: int, n: int):
+    """Colours that can be told apart: tab10's ten distinct hues first (resampling tab20 to a few
+    categories gives pairs of light and dark of one hue); markers separate further tens."""
+    plt = _plt()
+    return plt.get_cmap("tab10")(i % 10) if n <= 10 else plt.get_cmap("tab20")(i % 20)
+
+
 def embedding_plot(x: np.ndarray, colours: dict[str, pd.Series], seed: int = 0, title: str = "t-SNE of profiles"):
     """t-SNE of rows of ``x``, one panel per colouring."""
     from sklearn.decomposition import PCA
@@ -52,16 +59,16 @@ def embedding_plot(x: np.ndarray, colours: dict[str, pd.Series], seed: int = 0, 
     x = np.nan_to_num((x - x.mean(0)) / (x.std(0) + 1e-9))
     if x.shape[1] > 50:
         x = PCA(n_components=min(50, *x.shape), random_state=seed).fit_transform(x)
-    perplexity = max(2, min(30, (len(x) - 1) // 3))
+    perplexity = max(1.0, min(30.0, (len(x) - 1) / 3))  # below the number of points, as TSNE requires
     z = TSNE(n_components=2, perplexity=perplexity, random_state=seed, init="pca").fit_transform(x)
     fig, axes = plt.subplots(1, len(colours), figsize=(5.2 * len(colours), 4.6), squeeze=False)
     for ax, (name, values) in zip(axes[0], colours.items()):
         cats = values.astype(str).to_numpy()
-        uniq = list(dict.fromkeys(cats))
-        cmap = plt.get_cmap("tab20", max(len(uniq), 1))
+        uniq = sorted(dict.fromkeys(cats))
         for i, u in enumerate(uniq):
             m = cats == u
-            ax.scatter(z[m, 0], z[m, 1], s=12, color=cmap(i), label=u[:28])
+            ax.scatter(z[m, 0], z[m, 1], s=14, color=category_colour(i, len(uniq)), marker="os^Dv<>P"[(i // 10) % 8],
+                       label=u[:28])
         ax.set_title(name)
         ax.set_xticks([])
         ax.set_yticks([])

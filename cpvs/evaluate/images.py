@@ -7,7 +7,6 @@ that corrected space), unless ``truth_illum_size`` is 0.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from cpvs.errors import CpvsError
+from cpvs.jobs import thread_pool
 from cpvs.image_metrics import METRICS, image_metrics
 from cpvs.plate.channels import FLUORESCENCE
 from cpvs.plate.discover import discover_plate
@@ -64,7 +64,10 @@ def evaluate_images(pred: str | Path, truth: str | Path, channels: list[str] | N
                     truth_illum_size: int = 249, workers: int = 2, progress=None) -> ImageEvaluation:
     progress = progress or (lambda *a, **k: None)
     _, tplate, pairs, channels = _pair_plates(pred, truth, channels, truth_channel_map, pred_channel_map)
+    progress("illumination", 0, 1, info="of the truth plate")
     illum = plate_illumination(tplate, channels, truth_illum_size, len(tplate.fields), workers=workers) if truth_illum_size > 1 else None
+    progress("illumination", 1, 1)
+    progress("fields", 0, len(pairs))
 
     def one(pair):
         p, t = pair
@@ -81,7 +84,7 @@ def evaluate_images(pred: str | Path, truth: str | Path, channels: list[str] | N
         return rows
 
     rows = []
-    with ThreadPoolExecutor(max(1, workers)) as ex:
+    with thread_pool(workers) as ex:
         for k, r in enumerate(ex.map(one, pairs)):
             rows += r
             progress("fields", k + 1, len(pairs))

@@ -83,14 +83,26 @@ class Report:
         return path
 
 
+def table_label(path) -> str:
+    """A table named so two reports tell apart: ``profiles-unet/well.parquet``, not ``well.parquet``."""
+    path = Path(path)
+    return f"{path.parent.name}/{path.name}" if path.parent.name else path.name
+
+
 def build_report(path: Path, res, cfg, extras: dict[str, Any] | None = None) -> Path:
     """The evaluation report of ``evaluate_profiles`` results (None for images only) plus the
     image metrics, FID and image grids in ``extras``."""
     extras = extras or {}
-    rep = Report(f"cpvs evaluation: {Path(cfg.profiles).name}" if res is not None else "cpvs evaluation: images")
+    if res is None:
+        title = "cpvs evaluation: images"
+    elif cfg.truth:
+        title = f"cpvs evaluation: prediction {table_label(cfg.profiles)} against ground truth {table_label(cfg.truth)}"
+    else:
+        title = f"cpvs evaluation: {table_label(cfg.profiles)}"
+    rep = Report(title)
     if res is not None:
-        rep.text(f"{res.n_rows} profiles, {res.n_features} features" +
-                 (f"; ground truth {Path(cfg.truth).name}" if cfg.truth else ""), "meta")
+        rep.text(f"{res.n_rows} profiles of {cfg.profiles}, {res.n_features} features" +
+                 (f"; ground truth {cfg.truth}" if cfg.truth else ""), "meta")
         for n in res.notes:
             rep.text(n, "note")
     r = res.results if res is not None else {}
@@ -140,7 +152,7 @@ def build_report(path: Path, res, cfg, extras: dict[str, Any] | None = None) -> 
         rep.kpis({"active": f"{int(a['active'].sum())}/{len(a)}"})
         rep.table(a.sort_values("distance_to_negcon", ascending=False), max_rows=30)
     if "map" in r:
-        rep.section("Mean average precision (copairs)")
+        rep.section(f"Mean average precision ({getattr(cfg, 'map_engine', 'cpvs')} engine, copairs' definitions)")
         for name, m in r["map"].items():
             rep.subsection(f"{name}: mean mAP {m['mean_average_precision'].mean():.3f}, "
                            f"{m['below_corrected_p'].mean():.0%} significant after FDR")
@@ -156,7 +168,7 @@ def build_report(path: Path, res, cfg, extras: dict[str, Any] | None = None) -> 
         rep.section("Images: brightfield, ground truth, prediction, uncertainty")
         for fig in extras["grids"]:
             rep.figure(fig)
-    if res is not None and res.wells is not None and len(res.wells) >= 5:
+    if res is not None and res.wells is not None and len(res.wells) >= 8:  # t-SNE needs a few points
         rep.section("Profiles in two dimensions")
         frames = [res.wells.assign(_source="prediction" if res.truth_wells is not None else "profiles")]
         if res.truth_wells is not None:
@@ -167,7 +179,7 @@ def build_report(path: Path, res, cfg, extras: dict[str, Any] | None = None) -> 
         if len(frames) > 1:
             colours["source"] = both["_source"]
         for label, col in (("batch", res.columns.get("batch")), ("MOA", res.columns.get("moa"))):
-            if col and col in both.columns:
+            if col and col in both.columns and both[col].nunique() > 1:  # one batch colours nothing
                 colours[label] = both[col]
         if not colours:
             colours["compound"] = both[res.columns["compound"]]

@@ -80,7 +80,7 @@ def _evaluate(req: EvaluateRequest, progress: Progress | None) -> Evaluation:
     if req.profile is not None:
         from cpvs.evaluate.suite import evaluate_profiles, results_json
 
-        ev.profiles = evaluate_profiles(req.profile)
+        ev.profiles = evaluate_profiles(req.profile, progress=progress)
         ev.summary.update(results_json(ev.profiles))
     if req.images or req.fid:
         if req.pred is None or req.truth_plate is None:

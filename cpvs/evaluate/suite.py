@@ -12,10 +12,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import re
+
+import numpy as np
 import pandas as pd
 
 from cpvs.errors import CpvsError
-from cpvs.tables import aggregate, clean_features, derive_column, feature_columns, query_mask as _query, read_table, resolve_column
+from cpvs.evaluate.engine import Progress
+from cpvs.evaluate.map_retrieval import ENGINES
+from cpvs.tables import (
+    aggregate, clean_features, derive_column, feature_columns, is_metadata, query_mask as _query, read_table, resolve_column,
+)
 
 
 @dataclass
@@ -46,6 +53,9 @@ class EvalConfig:
     rounds: int = 100
     null_size: int = 10000
     seed: int = 0
+    cellprofiler_names: bool = True  # --cpcor: map CellProfiler image names (CorrDNA, OrigER) to cpvs channel names
+    map_engine: str = "cpvs"  # "cpvs" (block engine) or "copairs" (the reference)
+    device: str = "auto"  # similarities on: auto (the GPU when there is one), cpu, cuda, cuda:N
 
 
 @dataclass
@@ -84,64 +94,126 @@ def _negative_default(df: pd.DataFrame, cols: dict) -> str:
     return f"`{cols['compound']}` == 'DMSO'"
 
 
-def evaluate_profiles(cfg: EvalConfig) -> EvalResults:
+def _require(df: pd.DataFrame, name: str, option: str, src) -> str:
+    """The column ``name``; a table without any metadata column gets its own explanation."""
+    if not _has(df, name) and not any(is_metadata(c) for c in df.columns):
+        raise CpvsError(f"no column {name!r} for {option}: the table has no metadata columns at all (no Metadata_ columns)",
+                        src, f"join them first: cpvs profile {src} --join META -o OUT (META: a CSV of plate, well and "
+                             f"compound, MOA, ... columns), then evaluate OUT")
+    return resolve_column(df, name, option, src)
+
+
+def _batch_derive_hint(df: pd.DataFrame, batch_col: str) -> str:
+    """Why NSCB cannot run without a batch column, and the ``--derive`` line that makes one
+    from common plate names (``Week4_27481`` -> ``Week4``, ``B1-P03`` -> ``B1``)."""
+    plate = next((c for c in ("Metadata_Plate", "Image_Metadata_Plate") if _has(df, c)), None)
+    why = f"the table has no batch column {batch_col!r} (--batch-col)"
+    generic = "--derive 'Metadata_Batch=Metadata_Plate:^(Week\\d+)' (BBBC021-style plate names), or pass --batch-col"
+    if plate is None:
+        return f"{why}; make one with --derive 'Metadata_Batch=SOURCE:REGEX' from a column naming the batch, or pass --batch-col"
+    plate = resolve_column(df, plate, "--derive")
+    values = pd.Series(df[plate].astype(str).unique())
+    patterns = []
+    words = values.str.extract(r"^([A-Za-z]+)\d+", expand=False)
+    if words.notna().all() and words.nunique() == 1:
+        patterns.append(f"^({re.escape(words.iloc[0])}\\d+)")
+    patterns += [r"^([^_]+)_", r"^([^-]+)-"]
+    for rx in patterns:
+        batches = values.str.extract(rx, expand=False)
+        if batches.notna().all() and 1 < batches.nunique() < len(values):
+            return (f"{why}; derive it from the plate names, e.g. --derive '{batch_col}={plate}:{rx}' "
+                    f"({values.iloc[0]} -> {batches.iloc[0]}, {batches.nunique()} batches)")
+    return f"{why}; derive it from the plate names with --derive '{batch_col}={plate}:REGEX', e.g. {generic}"
+
+
+def _usable_features(df: pd.DataFrame, feats: list[str], rows: np.ndarray) -> list[str]:
+    """``clean_features(df[rows], feats)`` (finite everywhere, not constant) a few columns at a
+    time: no copy of the whole table."""
+    if not rows.any():
+        return []
+    keep = []
+    for j in range(0, len(feats), 128):
+        cols = feats[j:j + 128]
+        x = df[cols].to_numpy(dtype=np.float64)[rows]
+        finite = np.isfinite(x).all(axis=0)
+        keep += [c for c, ok in zip(cols, finite & (np.where(finite, x, 0).std(axis=0) > 0)) if ok]
+    return keep
+
+
+def _aggregate(df: pd.DataFrame, rows: np.ndarray, by: list[str], features: list[str], method: str,
+               keep: list[str]) -> pd.DataFrame:
+    """``aggregate(df[rows], by, features, method, keep)`` a few feature columns at a time, so
+    a 100k-well table is not copied whole; same groups, order, columns and values."""
+    if method not in ("median", "mean"):
+        return aggregate(df[rows], by, features, method, keep)  # the same error message
+    meta = df.loc[rows, list(dict.fromkeys(by + [k for k in keep if k not in by]))]
+    groups = meta.groupby(by, sort=True, dropna=False)
+    gid = groups.ngroup().to_numpy()
+    size = groups.size().rename("n_profiles")
+    values = np.empty((len(size), len(features)))
+    for j in range(0, len(features), 128):
+        cols = features[j:j + 128]
+        part = pd.DataFrame(df[cols].to_numpy(dtype=np.float64)[rows], columns=cols).groupby(gid, sort=True)
+        values[:, j:j + 128] = (part.median() if method == "median" else part.mean()).to_numpy()
+    extra = groups[[k for k in keep if k not in by]].first() if keep else None
+    agg = pd.DataFrame(values, index=size.index, columns=features)
+    parts = [size] + ([] if extra is None or extra.empty else [extra]) + [agg]
+    return pd.concat(parts, axis=1).copy().reset_index()
+
+
+def _same_feature_names(df: pd.DataFrame, truth: pd.DataFrame, feats: list[str], res) -> tuple:
+    """Both tables with cpvs channel names in their features, so a CellProfiler table whose
+    pipeline named its images CorrDNA/OrigER/... matches cpvs's DNA/ER/... (a note says how many)."""
+    from cpvs.tables import cpvs_feature_names, feature_columns
+
+    before = len(set(feats) & set(truth.columns))
+    ren_pred, ren_truth = cpvs_feature_names(feats), cpvs_feature_names(feature_columns(truth))
+    if not (ren_pred or ren_truth):
+        return df, truth, feats
+    renamed_truth = truth.rename(columns=ren_truth)
+    renamed_pred = df.rename(columns=ren_pred)
+    if renamed_truth.columns.duplicated().any() or renamed_pred.columns.duplicated().any():
+        return df, truth, feats  # two images of one channel (e.g. Orig and Corr): names are not comparable
+    new_feats = [ren_pred.get(f, f) for f in feats]
+    after = len(set(new_feats) & set(renamed_truth.columns))
+    if after <= before:
+        return df, truth, feats
+    res.notes.append(f"CPcor: CellProfiler image names mapped to cpvs channel names ({len(ren_truth) + len(ren_pred)} "
+                     f"columns, e.g. {next(iter({**ren_truth, **ren_pred}.items()))[0]} -> "
+                     f"{next(iter({**ren_truth, **ren_pred}.items()))[1]}): {after} shared features instead of {before}")
+    return renamed_pred, renamed_truth, new_feats
+
+
+def evaluate_profiles(cfg: EvalConfig, progress: Progress | None = None) -> EvalResults:
+    """Run the evaluations ``cfg`` asks for; ``progress(stage, completed, total, info="")``
+    hears about the long ones (similarity blocks, null distributions)."""
+    if cfg.map_engine not in ENGINES:
+        raise CpvsError(f"--map-engine must be one of {', '.join(ENGINES)}, got {cfg.map_engine!r}")
     df, feats = _prepare(Path(cfg.profiles), cfg)
     src = cfg.profiles
+    notes: list[str] = []
+    nscb = cfg.nscb
+    if nscb and not _has(df, cfg.batch_col) and any(is_metadata(c) for c in df.columns):
+        hint = _batch_derive_hint(df, cfg.batch_col)
+        if not (cfg.nsc or cfg.target or cfg.cpcor or cfg.toxicity or cfg.active or cfg.map):
+            raise CpvsError(f"NSCB needs batches: {hint}", src)
+        notes.append(f"NSCB skipped: {hint}")
+        nscb = False
     optional = lambda name, opt: resolve_column(df, name, opt, src) if _has(df, name) else None  # noqa: E731
+    grouped = cfg.nsc or nscb or cfg.target or cfg.map or cfg.toxicity or cfg.active  # need perturbations
     cols = {
-        "moa": resolve_column(df, cfg.moa_col, "--moa-col", src) if (cfg.nsc or cfg.nscb) else optional(cfg.moa_col, "--moa-col"),
-        "compound": resolve_column(df, cfg.compound_col, "--compound-col", src),
-        "batch": resolve_column(df, cfg.batch_col, "--batch-col", src) if cfg.nscb else optional(cfg.batch_col, "--batch-col"),
-        "target": resolve_column(df, cfg.target_col, "--target-col", src) if cfg.target else optional(cfg.target_col, "--target-col"),
+        "moa": _require(df, cfg.moa_col, "--moa-col", src) if (cfg.nsc or nscb) else optional(cfg.moa_col, "--moa-col"),
+        "compound": _require(df, cfg.compound_col, "--compound-col", src) if grouped else optional(cfg.compound_col, "--compound-col"),
+        "batch": _require(df, cfg.batch_col, "--batch-col", src) if nscb else optional(cfg.batch_col, "--batch-col"),
+        "target": _require(df, cfg.target_col, "--target-col", src) if cfg.target else optional(cfg.target_col, "--target-col"),
         "control": optional(cfg.control_col, "--control-col"),
     }
-    pert = [resolve_column(df, c, "--perturbation-cols", src) for c in cfg.perturbation_cols]
-    res = EvalResults(len(df), len(feats), wells=df, features=feats, columns=cols)
-    negative = _query(df, cfg.negative_query or _negative_default(df, cols), "--negative-query", src)
+    pert = [_require(df, c, "--perturbation-cols", src) for c in cfg.perturbation_cols] if grouped else []
+    res = EvalResults(len(df), len(feats), wells=df, features=feats, columns=cols, notes=notes)
+    negative = _query(df, cfg.negative_query or _negative_default(df, cols), "--negative-query", src) if grouped else None
 
-    if cfg.nsc or cfg.nscb or cfg.target or cfg.map:
-        use = clean_features(df[~negative], feats)
-        if not use:
-            raise CpvsError(f"none of the {len(feats)} features is finite and varying over the treatments (NaN, Inf or constant)",
-                            src, "check the feature columns of the table, e.g. normalize it first with "
-                            "`cpvs profile TABLE --normalize mad_robustize -o OUT`")
-        dropped = len(feats) - len(use)
-        if dropped:
-            res.notes.append(f"{dropped} feature(s) with NaN/infinite or constant values left out of distances")
-        keep = [c for c in (cols["moa"], cols["compound"], cols["target"], cols["batch"]) if c and c not in pert]
-        trt = df[~negative]
-        if cols["moa"]:
-            trt = trt[trt[cols["moa"]].notna() & (trt[cols["moa"]].astype(str) != "")]
-        group = list(pert)
-        if cols["batch"] and (trt.groupby(pert)[cols["batch"]].nunique() > 1).any():
-            group.append(cols["batch"])  # a treatment profile must belong to one batch for NSCB
-            keep = [k for k in keep if k != cols["batch"]]
-            res.notes.append("some treatments span several batches: profiles aggregated per treatment and batch")
-        if trt.empty:
-            raise CpvsError("no treatment rows left after removing negative controls and rows without a MOA", src,
-                            "check --negative-query and --moa-col")
-        res.treatments = aggregate(trt, group, use, cfg.aggregate, keep)
-        res.grouping = group
-        from cpvs.evaluate.retrieval import nearest_neighbor_matching, target_matching
-
-        if cfg.nsc:
-            res.results["nsc"] = nearest_neighbor_matching(res.treatments, use, cols["moa"], cols["compound"], id_cols=group)
-        if cfg.nscb:
-            res.results["nscb"] = nearest_neighbor_matching(res.treatments, use, cols["moa"], cols["compound"],
-                                                            cols["batch"], across_batches=True, id_cols=group)
-        if cfg.target:
-            res.results["target"] = target_matching(res.treatments, use, cols["target"], cols["compound"], k=cfg.k, id_cols=group)
-        if cfg.map:
-            from cpvs.evaluate.map_retrieval import annotation_map, replicate_map
-
-            maps = {"replicates": replicate_map(df, use, pert[0] if len(pert) == 1 else _joined(df, pert), negative,
-                                                null_size=cfg.null_size, seed=cfg.seed)}
-            if cols["moa"]:
-                maps["moa"] = annotation_map(res.treatments, use, cols["moa"], cols["compound"], null_size=cfg.null_size, seed=cfg.seed)
-            if cols["target"]:
-                maps["target"] = annotation_map(res.treatments, use, cols["target"], cols["compound"], multilabel=True,
-                                                null_size=cfg.null_size, seed=cfg.seed)
-            res.results["map"] = maps
+    if cfg.nsc or nscb or cfg.target or cfg.map:
+        _retrieval(df, feats, cols, pert, negative, nscb, cfg, res, progress)
 
     truth_df = None
     if cfg.truth is not None:
@@ -153,6 +225,8 @@ def evaluate_profiles(cfg: EvalConfig) -> EvalResults:
         from cpvs.evaluate.cpcor import feature_correlation
 
         keys = cfg.match_cols or _default_keys(df, truth_df)
+        if cfg.cellprofiler_names:
+            df, truth_df, feats = _same_feature_names(df, truth_df, feats, res)
         shared = [f for f in feats if f in set(truth_df.columns)]
         res.results["cpcor"] = feature_correlation(df, truth_df, keys, shared, cfg.method)
     if cfg.toxicity:
@@ -177,14 +251,80 @@ def evaluate_profiles(cfg: EvalConfig) -> EvalResults:
     return res
 
 
+def _retrieval(df: pd.DataFrame, feats: list[str], cols: dict, pert: list[str], negative: np.ndarray, nscb: bool,
+               cfg: EvalConfig, res: EvalResults, progress: Progress | None) -> None:
+    """NSC, NSCB, target matching and mAP: one pass over the treatment similarities for all
+    of them (plus one over wells × controls for replicate mAP)."""
+    from cpvs.evaluate.engine import resolve_device, scan
+    from cpvs.evaluate.map_retrieval import annotation_map, annotation_map_of_task, annotation_task, replicate_map
+    from cpvs.evaluate.retrieval import NearestNeighborTask, TargetTask, profile_matrix
+
+    src = cfg.profiles
+    use = _usable_features(df, feats, ~negative)
+    if not use and (~negative).any():
+        raise CpvsError(f"none of the {len(feats)} features is finite and varying over the treatments (NaN, Inf or constant)",
+                        src, "check the feature columns of the table, e.g. normalize it first with "
+                        "`cpvs profile TABLE --normalize mad_robustize -o OUT`")
+    dropped = len(feats) - len(use)
+    if dropped:
+        res.notes.append(f"{dropped} feature(s) with NaN/infinite or constant values left out of distances")
+    keep = [c for c in (cols["moa"], cols["compound"], cols["target"], cols["batch"]) if c and c not in pert]
+    rows = ~negative
+    if cols["moa"]:
+        moa = df[cols["moa"]]
+        rows &= (moa.notna() & (moa.astype(str) != "")).to_numpy()
+    group = list(pert)
+    if cols["batch"] and (df.loc[rows, pert + [cols["batch"]]].groupby(pert)[cols["batch"]].nunique() > 1).any():
+        group.append(cols["batch"])  # a treatment profile must belong to one batch for NSCB
+        keep = [k for k in keep if k != cols["batch"]]
+        res.notes.append("some treatments span several batches: profiles aggregated per treatment and batch")
+    if not rows.any():
+        raise CpvsError("no treatment rows left after removing negative controls and rows without a MOA", src,
+                        "check --negative-query and --moa-col")
+    res.treatments = trt = _aggregate(df, rows, group, use, cfg.aggregate, keep)
+    res.grouping = group
+    device = resolve_device(cfg.device)
+    tasks: dict[str, Any] = {}
+    if cfg.nsc:
+        tasks["nsc"] = NearestNeighborTask(trt, cols["moa"], cols["compound"], id_cols=group)
+    if nscb:
+        tasks["nscb"] = NearestNeighborTask(trt, cols["moa"], cols["compound"], cols["batch"], across_batches=True, id_cols=group)
+    if cfg.target:
+        tasks["target"] = TargetTask(trt, cols["target"], cols["compound"], k=cfg.k, id_cols=group)
+    labels = {"moa": (cols["moa"], False), "target": (cols["target"], True)}
+    labels = {k: v for k, v in labels.items() if v[0]} if cfg.map else {}
+    if cfg.map_engine == "cpvs":
+        for name, (col, multi) in labels.items():
+            tasks[f"map_{name}"] = annotation_task(trt, col, cols["compound"], multilabel=multi)
+    scan(profile_matrix(trt, use), tasks.values(), device, progress=progress, stage="treatment retrieval")
+    for name in ("nsc", "nscb", "target"):
+        if name in tasks:
+            res.results[name] = tasks[name].result()
+    if not cfg.map:
+        return
+    pert_col = pert[0] if len(pert) == 1 else _joined(df, pert)
+    opts = dict(null_size=cfg.null_size, seed=cfg.seed)
+    maps = {"replicates": replicate_map(df, use, pert_col, negative, engine=cfg.map_engine, device=device,
+                                        progress=progress, **opts)}
+    for name, (col, multi) in labels.items():
+        if cfg.map_engine == "cpvs":
+            maps[name] = annotation_map_of_task(tasks[f"map_{name}"], trt, col, cols["compound"], progress=progress, **opts)
+        else:
+            maps[name] = annotation_map(trt, use, col, cols["compound"], multilabel=multi, engine="copairs", **opts)
+    res.results["map"] = maps
+
+
 def _has(df: pd.DataFrame, name: str) -> bool:
     return name in df.columns or sum(c.lower() == name.lower() for c in df.columns) == 1
 
 
 def _joined(df: pd.DataFrame, cols: list[str]) -> str:
-    """Add one column identifying a perturbation by several columns (copairs groups by one)."""
+    """Add one column identifying a perturbation by several columns (mAP groups by one)."""
     name = "Metadata_cpvs_perturbation"
-    df[name] = df[cols].astype(str).agg("@".join, axis=1)
+    joined = df[cols[0]].astype(str)
+    for c in cols[1:]:
+        joined = joined + "@" + df[c].astype(str)
+    df[name] = joined
     return name
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import difflib
 import json
 import re
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cpvs.errors import CpvsError
+from cpvs.errors import CpvsError, CpvsWarning
 from cpvs.info.record import Info
 from cpvs.plate.channels import BRIGHTFIELD, FLUORESCENCE, canonical_channel
 from cpvs.plate.discover import LOAD_DATA_NAMES, discover_plates
@@ -28,37 +29,44 @@ SATURATED_WARNING = 0.01  # a few saturated pixels are common; 1 % of a field di
 
 
 def describe_plates(path: Path, channel_map: str | None, platemap: str | Path | None, plate_name: str | None) -> Info:
-    plates = discover_plates(path, channel_map=channel_map, platemap=platemap, plate_name=plate_name)
-    warnings: list[str] = []
+    # Discovery's own warnings (a map leaving file channels out, names models do not use) are part
+    # of the answer: collected here into Info.warnings rather than printed on the side.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", CpvsWarning)
+        plates = discover_plates(path, channel_map=channel_map, platemap=platemap, plate_name=plate_name)
+    notes = [str(w.message) for w in caught if issubclass(w.category, CpvsWarning)]
+    for w in caught:
+        if not issubclass(w.category, CpvsWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     if channel_map and path.is_file():
-        warnings.append("--channel-map is not used for a LoadData CSV: its FileName_Orig<Channel> columns name the channels")
-    facts = [_plate_facts(p, path, warnings) for p in plates]
+        notes.append("--channel-map is not used for a LoadData CSV: its FileName_Orig<Channel> columns name the channels")
+    facts = [_plate_facts(p, path, notes) for p in plates]
     if len(facts) == 1:
-        return Info("plate", str(path), facts[0], warnings)
-    return Info("plates", str(path), {"plates": facts}, warnings)
+        return Info("plate", str(path), facts[0], notes)
+    return Info("plates", str(path), {"plates": facts}, notes)
 
 
-def _plate_facts(plate: Plate, path: Path, warnings: list[str]) -> dict[str, Any]:
+def _plate_facts(plate: Plate, path: Path, notes: list[str]) -> dict[str, Any]:
     sites = Counter(Counter(f.well for f in plate.fields).values())
     wells = sorted({f.well for f in plate.fields}, key=well_rowcol)
     channels = _channel_sources(plate, path)
     unmapped = _unmapped(plate)
-    unknown = [c["name"] for c in channels if not _known(c["name"])]
+    unknown = [c["name"] for c in channels if not c["known"]]
     facts_image = _image(plate)
     cmap = plate.channel_map.source if plate.channel_map is not None else None
-    where = "OME-Zarr channel" if plate.layout == "ome-zarr" else "file channel"
-    for u in unmapped:
-        warnings.append(f"{plate.name}: {where} {u['channel']}{_plane(u)} is not in the channel map "
-                        f"{cmap or ''}: cpvs leaves it out (name it in --channel-map to use it)".replace("  ", " "))
+    # Discovery of Phenix/CV8000 folders warns about these two itself; OME-Zarr plates and LoadData
+    # CSVs are read elsewhere, so info says it for them.
+    if plate.layout not in SCHEMES:
+        for u in unmapped:
+            notes.append(f"{plate.name}: OME-Zarr channel {u['channel']}{_plane(u)} is not in the channel map {cmap}: "
+                         "it is left out (name it in --channel-map to use it)")
+        if unknown:
+            notes.append(f"{plate.name}: channel name(s) {', '.join(unknown)} are not the names cpvs models use "
+                         f"({', '.join(KNOWN)}); models and evaluations will not find them under another name")
     for name, frac in facts_image["saturated_fraction"].items():
         if frac >= SATURATED_WARNING:
-            warnings.append(f"{plate.name}: {frac:.1%} of the {name} pixels of {facts_image['field']} are saturated "
-                            "(at the image type's maximum)")
-    for name in unknown:
-        close = difflib.get_close_matches(name, KNOWN, n=1)
-        warnings.append(f"{plate.name}: {name!r} is not a channel name cpvs knows ({', '.join(KNOWN)})"
-                        + (f"; did you mean {close[0]}?" if close else "")
-                        + " Verbs that look for a stain by name (profile, train, predict-plate) will not find it.")
+            notes.append(f"{plate.name}: {frac:.1%} of the {name} pixels of {facts_image['field']} are saturated "
+                         "(at the image type's maximum)")
     return {
         "name": plate.name,
         "layout": plate.layout,
@@ -93,6 +101,9 @@ def _channel_sources(plate: Plate, path: Path) -> list[dict[str, Any]]:
     for name in plate.channels:
         ref = first.files[name]
         entry: dict[str, Any] = {"name": name, "known": _known(name)}
+        if not entry["known"]:
+            close = difflib.get_close_matches(name, KNOWN, n=1)
+            entry["did_you_mean"] = close[0] if close else None
         if isinstance(ref, StorePlane):
             pos = dict(zip(ref.axes, ref.index))
             entry.update(channel=pos.get("c", 0) + 1, plane=pos["z"] + 1 if "z" in pos else None, source="OME-Zarr channel axis")

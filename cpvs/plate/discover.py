@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
-from cpvs.errors import CpvsError
-from cpvs.plate.channels import ChannelMap, load_channel_map, order_channels
+from cpvs.errors import CpvsError, warn
+from cpvs.plate.channels import BRIGHTFIELD, FLUORESCENCE, ChannelMap, load_channel_map, order_channels
 from cpvs.plate.layout import Field, Plate
 from cpvs.plate.loaddata import is_load_data, read_load_data
 from cpvs.plate.naming import SCHEMES, ParsedName, phenix_name
@@ -170,6 +170,16 @@ def _discover_folder(folder: Path, channel_map, channels, plate_name, on_error) 
         if nm is not None and nm in wanted:
             name_of[(n.channel, n.plane)] = nm
     ignored = sorted({f"ch{n.channel}p{n.plane}" for _, n in parsed if (n.channel, n.plane) not in name_of})
+    if not channels:  # the user asked for the whole map: say what it leaves out or misnames
+        unmapped = sorted({n.channel for _, n in parsed if cmap.lookup(n.channel, n.plane) is None})
+        if unmapped:
+            warn(f"the files have channel(s) {', '.join(f'ch{c}' for c in unmapped)} that channel map {cmap.source} does not name; "
+                 "they are left out", folder, "name them in the channel map (e.g. '6=RNA'), or pass --channels to choose on purpose")
+        odd = [n for n in cmap.names if n not in FLUORESCENCE + BRIGHTFIELD and n in wanted]
+        if odd:
+            warn(f"channel name(s) {', '.join(odd)} of channel map {cmap.source} are not the names cpvs models use "
+                 f"({', '.join(FLUORESCENCE + BRIGHTFIELD)}); models and evaluations will not find them under another name",
+                 folder, "check the spelling in the channel map")
     plates: dict[str, dict[tuple[str, int], dict[str, Path]]] = defaultdict(lambda: defaultdict(dict))
     default_name = None if (scheme == "cv8000" or plate_name) else _plate_name_from_folder(folder)
     for p, n in parsed:

@@ -112,8 +112,11 @@ def predict_plate(cfg: PredictConfig, progress: Progress | None = None) -> Predi
         plan = plan_outputs(plate, out, strategy.written_channels(cfg, ck["outputs"]), cfg.shard, cfg.format)
         cache = out / ".cpvs-cache"
         cache.mkdir(exist_ok=True)
+        progress("illumination", 0, 1, info=f"estimating the plate's illumination from up to {cfg.illum_fields} fields")
         normalizer = FieldNormalizer.for_plate(plate, ck["inputs"], ck["normalization"], cfg.illum_fields, cache, cfg.workers,
                                                cfg.on_error)
+        progress("illumination", 1, 1)
+        progress("fields", len(plan.done), len(plan.fields))  # the bar shows from the start, not after the first field
         writer = FieldWriter(plan, ck["outputs"], ck["normalization"], cfg.dtype)
         job = PlateJob(cfg, model, device, plate, plan, normalizer, writer, cfg.batch_size or BATCH_SIZE[model.role])
         written, skipped, extra = strategy.run(job, progress)

@@ -17,7 +17,7 @@ import pandas as pd
 import zarr
 
 from cpvs import __version__
-from cpvs.errors import CpvsError
+from cpvs.errors import CpvsError, warn
 from cpvs.jobs import OutputLock, clear_outputs, is_empty_output, thread_pool
 from cpvs.plate.layout import Field, Plate
 from cpvs.plate.stack import read_field_stack
@@ -47,6 +47,9 @@ def _try(fn, *args):
         return fn(*args), None
     except CpvsError as e:
         return None, e
+
+
+FEW_FIELDS = 10  # below this, an averaged field is mostly cells (METHODS §1 averages a whole plate)
 
 
 def _params(plates: list[Plate], illum_size, size, resize_method, clip_z, dtype, chunk) -> dict:
@@ -80,11 +83,11 @@ def _check_target(out: Path, params: dict, overwrite: bool) -> None:
                 "write to a new -o folder, or pass --overwrite to replace it",
             )
         return
-    if not is_empty_output(out):
+    if not is_empty_output(out) and any(p.name != "skipped.csv" for p in out.iterdir() if not p.name.startswith(".cpvs-lock")):
         raise CpvsError("output folder exists and is not a cpvs store", out, "choose an empty or new -o folder")
 
 
-def _illumination_pass(g, p: Plate, channels, illum_size, workers, on_error, progress) -> dict:
+def _illumination_pass(g, out: Path, p: Plate, channels, illum_size, workers, on_error, progress) -> dict:
     """Read every field of plate ``p`` once, store its illumination functions, and
     return what a resumed run needs: the native shape and the unreadable fields."""
     bad: list[dict] = []
@@ -102,7 +105,13 @@ def _illumination_pass(g, p: Plate, channels, illum_size, workers, on_error, pro
             break
         fail(f, err)
     if shape0 is None:
-        raise CpvsError(f"no readable field in plate {p.name}", p.root)
+        pd.DataFrame(bad).to_csv(out / "skipped.csv", index=False)
+        raise CpvsError(f"no readable field in plate {p.name} ({len(bad)} tried; the first: {bad[0]['reason'].splitlines()[0]})",
+                        p.root, "fix or re-export the files listed in skipped.csv of the output, then rerun")
+    if illum_size > 1 and len(p.fields) < FEW_FIELDS:
+        warn(f"the illumination function of plate {p.name} is estimated from {len(p.fields)} field(s): with so few it "
+             "follows the cells as much as the illumination", p.root,
+             "preprocess more fields of the plate together, or pass --illum-size 0 to leave illumination uncorrected")
     total = np.zeros((len(channels), *shape0), dtype=np.float64)
     n_ok = 0
     todo = [f for f in p.fields if f.key not in {b["field"] for b in bad}]
@@ -162,8 +171,14 @@ def preprocess_plates(
     params = _params(plates, illum_size, size, resize_method, clip_z, dtype, chunk)
     with OutputLock(out, "preprocess"):
         _check_target(out, params, overwrite)
-        return _preprocess(plates, out, params, channels, illum_size, size, resize_method, clip_z, dtype, chunk, workers,
-                           on_error, progress, t0)
+        fresh = not (out / "zarr.json").exists()
+        try:
+            return _preprocess(plates, out, params, channels, illum_size, size, resize_method, clip_z, dtype, chunk, workers,
+                               on_error, progress, t0)
+        except CpvsError:
+            if fresh:  # nothing was stored: leave no half store behind, only the list of bad fields
+                clear_outputs(out, [p.name for p in out.iterdir() if p.name != "skipped.csv"])
+            raise
 
 
 def _preprocess(plates, out, params, channels, illum_size, size, resize_method, clip_z, dtype, chunk, workers, on_error,
@@ -180,7 +195,7 @@ def _preprocess(plates, out, params, channels, illum_size, size, resize_method, 
     bad: dict[str, set[str]] = {}
     for p in plates:
         if p.name not in illum_done:
-            illum_done[p.name] = _illumination_pass(g, p, channels, illum_size, workers, on_error, progress)
+            illum_done[p.name] = _illumination_pass(g, out, p, channels, illum_size, workers, on_error, progress)
             g.attrs["illum_done"] = illum_done
         native[p.name] = tuple(illum_done[p.name]["shape"])
         bad[p.name] = {b["field"] for b in illum_done[p.name]["bad"]}
@@ -227,6 +242,7 @@ def _preprocess(plates, out, params, channels, illum_size, size, resize_method, 
 
     todo = [i for i in range(len(entries)) if not done_mask[i]]
     n_written = 0
+    progress("fields", n_resumed, len(entries))
     with thread_pool(workers) as ex:
         for k, (i, err) in enumerate(ex.map(process, todo)):
             if err is not None:

@@ -228,9 +228,12 @@ def _profile_plate(cfg: ProfileConfig, plate: Plate, read, measure, out: Path, d
     mine = Shard(*cfg.shard).select(plate.fields)
     done = [f for f in mine if cell_path(f).exists()]
     todo = [f for f in mine if not cell_path(f).exists()]
+    progress("illumination", 0, 1, info=f"estimating the plate's illumination from up to {cfg.illum_fields} fields")
     illum = (plate_illumination(plate, read, cfg.illum_size, cfg.illum_fields, out / ".cpvs-cache", max(1, cfg.workers),
                                  cfg.on_error)
              if cfg.illum_size > 1 else None)
+    progress("illumination", 1, 1)
+    progress("fields", len(done), len(mine), info="segmenting and measuring")
     overlay_keys = {f.key for f in plate.fields[: cfg.overlays]}
     jobs = [(f, read, measure, illum, cfg, cell_path(f), f.key in overlay_keys, digest) for f in todo]
     skipped: list[dict] = list(plate.skipped)

@@ -117,6 +117,7 @@ def _simulate(out, plates, wells, sites, size, seed, moas, batches, workers, com
             for site in range(1, sites + 1):
                 jobs.append((folder, seed, p, w_index, row["well"], site, size, effects, strength, optics, compression, masks))
     written = 0
+    progress("fields", 0, len(jobs))
     if workers > 1:
         with process_pool(workers) as ex:
             for i, w in enumerate(ex.map(_render_and_write, jobs, chunksize=1)):

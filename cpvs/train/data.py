@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cpvs.errors import CpvsError
+from cpvs.errors import CpvsError, warn
 from cpvs.plate.channels import FLUORESCENCE, is_brightfield
 from cpvs.preprocess.store import Store
 
@@ -21,6 +21,7 @@ Item = tuple[int, int, int]  # (field index, y, x)
 
 def default_channels(store: Store, inputs: list[str] | None, targets: list[str] | None) -> tuple[list[str], list[str]]:
     """Inputs default to the store's brightfield planes, targets to its Cell Painting stains."""
+    targets_given = bool(targets)
     inputs = inputs or [c for c in store.channels if is_brightfield(c)]
     targets = targets or [c for c in store.channels if c in FLUORESCENCE]
     if not inputs:
@@ -30,6 +31,10 @@ def default_channels(store: Store, inputs: list[str] | None, targets: list[str] 
         raise CpvsError(f"store has no Cell Painting channel (channels: {', '.join(store.channels)})", store.path,
                         "pass --targets with the output channel names")
     store.channel_index(inputs + targets)  # raises for unknown names
+    absent = [c for c in FLUORESCENCE if c not in store.channels]
+    if absent and not targets_given:
+        warn(f"the store has no {', '.join(absent)} channel: training predicts {', '.join(targets)} only", store.path,
+             "check the channel map the store was made with (cpvs info STORE), or pass --targets to choose on purpose")
     overlap = set(inputs) & set(targets)
     if overlap:
         raise CpvsError(f"channel(s) {', '.join(sorted(overlap))} are both input and target")

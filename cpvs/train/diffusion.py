@@ -218,6 +218,7 @@ def _epochs(cfg, start, partial, sampler, schedule, model, ema, opt, label_of, c
     """The training epochs from ``start`` (from inside it when ``partial``); (epochs done, stopped by the clock)."""
     total = cfg.epochs * cfg.steps_per_epoch
     epochs_done, stopped = start - 1, False
+    progress("train", (start - 1) * cfg.steps_per_epoch + (partial["step"] if partial else 0), total, info="starting")
     for epoch in range(start, cfg.epochs + 1):
         plan = sampler.plan_epoch(epoch, cfg.steps_per_epoch, cfg.batch_size, dist.rank)
         gen = torch.Generator().manual_seed(int(np.random.SeedSequence([cfg.seed, dist.rank, epoch]).generate_state(1)[0]))

@@ -203,6 +203,7 @@ def _train_staining(cfg: StainingConfig, progress: Progress | None) -> TrainResu
         save_checkpoint(cfg.out / "checkpoints" / "last.pt", **meta, state_dict=unwrap(model).state_dict(), train=train_info,
                         state=state, config_identity=cfg.identity())
 
+    progress("train", (start - 1) * cfg.steps_per_epoch + skip, total_steps, info="starting")
     with graceful_stop(dist.world == 1) as stop:
         for epoch in range(start, cfg.epochs + 1):
             per_step = (cfg.critic_steps + 1) if critic is not None else 1
