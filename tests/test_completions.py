@@ -131,7 +131,7 @@ def fish(line: str, cwd, folder=COMPLETIONS) -> dict[str, str]:
     need("fish")
     prog = f"source {_fish_quote(str(folder / 'cpvs.fish'))}; complete -C {_fish_quote(line)}"
     out = subprocess.run(["fish", "--no-config", "-c", prog], cwd=cwd, capture_output=True, text=True, timeout=30,
-                         env={**os.environ, "HOME": str(cwd)})
+                         env={**os.environ, "HOME": str(cwd.parent)})  # fish may write its state under HOME
     assert out.returncode == 0, out.stderr
     return dict((row.split("\t", 1) + [""])[:2] for row in out.stdout.split("\n") if row)
 
