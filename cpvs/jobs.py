@@ -312,3 +312,21 @@ def clear_outputs(folder: str | Path, names: list[str] | None = None) -> None:
 def is_empty_output(folder: str | Path) -> bool:
     """True when ``folder`` holds nothing but cpvs locks."""
     return not any(not p.name.startswith(LOCK_PREFIX) for p in Path(folder).iterdir())
+
+
+_LIBC = None
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap back to the OS (glibc ``malloc_trim``): reader and writer threads allocate
+    field-sized buffers in their own arenas, which otherwise grow by fragments over thousands of
+    fields. A no-op where glibc is absent."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
