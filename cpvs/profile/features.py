@@ -28,7 +28,7 @@ _CORR_PAIRS = {"Pearson": ("Correlation", False), "Slope": ("Slope", False), "Co
                "RWC_1": ("RWC", False), "RWC_2": ("RWC", True)}
 # Neighbour outputs that are object numbers, not measurements.
 _NEIGHBOR_IDS = ("FirstClosestObjectNumber", "SecondClosestObjectNumber")
-_LONE_OBJECT = {"NumberOfNeighbors": 0.0, "FirstClosestDistance": np.nan, "SecondClosestDistance": np.nan,
+LONE_OBJECT = {"NumberOfNeighbors": 0.0, "FirstClosestDistance": np.nan, "SecondClosestDistance": np.nan,
                 "AngleBetweenNeighbors": np.nan, "PercentTouching": 0.0}
 
 
@@ -115,7 +115,7 @@ def measure_field(images: dict[str, np.ndarray], masks: Masks, channels: list[st
             if n >= 2:
                 res = measureobjectneighbors(lab, lab, distance_method="Adjacent")
             else:  # cp_measure fails on a lone object; it has no neighbour by definition
-                res = {f"Neighbors_{k}_Adjacent": [v] for k, v in _LONE_OBJECT.items()}
+                res = {f"Neighbors_{k}_Adjacent": [v] for k, v in LONE_OBJECT.items()}
             for k, v in res.items():
                 if not any(i in k for i in _NEIGHBOR_IDS):
                     cols[f"{comp}_{k}"] = np.asarray(v, dtype=np.float64)[:n]

@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from cpvs.profile.engine.objects import F64, Objects
+from cpvs.profile.engine.objects import F64, Objects, select, take
 
 EPS = float(np.finfo(float).eps)
 
@@ -31,8 +31,8 @@ def _first_grid_step(value: torch.Tensor, below, scale: int) -> torch.Tensor:
     by one, and only those pixels are checked with the exact test.
     """
     q = value * scale
-    c = torch.floor(q).clamp(-3, scale + 3) + 1
-    near = torch.nonzero(((q - torch.round(q)).abs() < 1e-6) & (q > -3) & (q < scale + 3)).squeeze(1)
+    c = torch.floor(q).clamp_(-3, scale + 3).add_(1)
+    near = torch.nonzero(((q - torch.round(q)).abs_() < 1e-6) & (q > -3) & (q < scale + 3)).squeeze(1)
     if near.numel():
         cn = c[near]
         cn = torch.where(below(cn, near), cn, cn + 1)
@@ -72,7 +72,7 @@ def _first_change(v: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
     return changes[torch.searchsorted(changes, starts + 1)]
 
 
-def _regression(obj: Objects, values, centred, p: int, q: int, ss, vmax, vmin, zero):
+def _regression(obj: Objects, values, centred, p: int, q: int, ss, vmax, vmin, zero, sxy):
     """cp_measure's orthogonal regression of channel q on channel p over the pixels where either is
     nonzero: slope a, intercept b and whether the object can be measured, (n,) each."""
     n, seg = obj.n, obj.seg
@@ -96,7 +96,6 @@ def _regression(obj: Objects, values, centred, p: int, q: int, ss, vmax, vmin, z
         cz = obj.count
         xm, ym = obj.mean(f), obj.mean(s)
         sxx, syy = ss[p], ss[q]
-        sxy = obj.sum(centred[p] * centred[q])
         ptp = (vmax[p] > vmin[p]) & (vmax[q] > vmin[q])
     xvar, yvar, covar = sxx / (cz - 1), syy / (cz - 1), sxy / (cz - 1)
     num = (yvar - xvar) + torch.sqrt((yvar - xvar) * (yvar - xvar) + 4 * (covar * covar))
@@ -107,12 +106,40 @@ def _regression(obj: Objects, values, centred, p: int, q: int, ss, vmax, vmin, z
     return a, b, ok
 
 
+class _Prefix:
+    """Pixels sorted by (group, grid step) with prefix sums of some per-pixel columns, so that the
+    sums over the pixels of every group whose step is <= m cost one binary search per group.
+
+    key: (N,) int64 ``group * span + step + 2`` (steps -2 .. scale + 4); cols: (N,) each.
+    """
+
+    def __init__(self, key: torch.Tensor, cols: list[torch.Tensor], span: int, groups: int):
+        self.key, order = _pack_sort(key)
+        self.sorted = [take(c, order) for c in cols]
+        self.cums = [_cumsum0(c) for c in self.sorted]
+        self.base = torch.arange(groups, device=key.device) * span
+        self.start = torch.searchsorted(self.key, self.base)
+        self.top = span - 1
+
+    def end(self, m: torch.Tensor) -> torch.Tensor:
+        """(G,) position after each group's last pixel with step <= m."""
+        return torch.searchsorted(self.key, self.base + (m.to(torch.int64) + 3).clamp(0, self.top))
+
+    def sums(self, end: torch.Tensor) -> list[torch.Tensor]:
+        return [c[end] - c[self.start] for c in self.cums]
+
+
 def costes(obj: Objects, values: torch.Tensor, pairs: list[tuple[int, int]], scale_max: int = 65535,
            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Costes_1 and Costes_2, (len(pairs), n) each, of channel pairs (p, q) of ``values``.
 
     values: (C, P) channels at the objects' pixels, in [0, 1]. For a pair (p, q) the first channel
     is p: Costes_1 is the fraction of p's intensity above both thresholds, Costes_2 that of q.
+
+    With t = m / scale_max, the background at step m is B(m) = {f < t} | {s < a t + b}. For a > 0
+    it is the set of pixels whose first background step min(c_f, c_s) is <= m: a prefix. For
+    a < 0 the s-condition holds up to a step and fails from e on, so the complement of B(m) is
+    {e <= m} minus {max(e, c_f) <= m}: a difference of two prefixes.
     """
     n, seg, dev = obj.n, obj.seg, values.device
     C, P = values.shape
@@ -125,94 +152,120 @@ def costes(obj: Objects, values: torch.Tensor, pairs: list[tuple[int, int]], sca
     ss = obj.sum(centred * centred)
     vmax, vmin = obj.max(values), obj.min(values)
     zero = values == 0
-    span = scale_max + 7  # grid steps -2 .. scale + 4, stored as 0 .. scale + 6 within a group's key range
+    span = scale_max + 7
 
-    # Each pixel's first grid threshold at which it joins the background set, for f and for s.
-    c_first = {}
-    for c in sorted({p for p, _ in pairs}):
-        f = values[c]
-        c_first[c] = _first_grid_step(f, lambda m, i, f=f: f[i] < m / S, scale_max)
+    def stored(step):
+        return step.clamp(-2, scale_max + 4).to(torch.int64) + 2
+
+    c_first = {c: _first_grid_step(values[c], lambda m, i, f=values[c]: f[i] < m / S, scale_max)
+               for c in sorted({p for p, _ in pairs})}
+    cf_stored = {c: stored(v) for c, v in c_first.items()}
+    seg_key = seg * span
+    sums = obj.sum(centred)  # (C, n): zero up to rounding
     a_all = torch.empty((K, n), dtype=F64, device=dev)
     b_all = torch.empty((K, n), dtype=F64, device=dev)
     ok_all = torch.empty((K, n), dtype=torch.bool, device=dev)
-    # Per pair, sort each object's pixels by the grid step at which they join the background;
-    # all pairs' sorted pixels then form one array with prefix sums of the centred values.
-    key_sorted = torch.empty(K * P, dtype=torch.int64, device=dev)
-    xs = torch.empty(K * P, dtype=F64, device=dev)
-    ys = torch.empty(K * P, dtype=F64, device=dev)
+    tot = torch.empty((3, K, n), dtype=F64, device=dev)  # sums of x, y, xy over each object
+    # Groups with a < 0: the "always background" pixels (e >= c_f) vary in f and in s.
+    always_varies = torch.zeros((K, n), dtype=torch.bool, device=dev)
+    inf = torch.full((P,), float("inf"), dtype=F64, device=dev)
+    pos_parts, neg_parts = [], []
     for k, (p, q) in enumerate(pairs):
-        a, b, ok = _regression(obj, values, centred, p, q, ss, vmax, vmin, zero)
+        x, y = centred[p], centred[q]
+        xy = x * y
+        sxy = obj.sum(xy)
+        a, b, ok = _regression(obj, values, centred, p, q, ss, vmax, vmin, zero, sxy)
         a_all[k], b_all[k], ok_all[k] = a, b, ok
-        s = values[q]
-        pa, pb = obj.expand(a), obj.expand(b)
-        up = obj.expand(ok & (a > 0))
-        u = torch.where(up, (s - pb) / pa, torch.full_like(s, S + 10))
-        c_s = _first_grid_step(u, lambda m, i: s[i] < pa[i] * (m / S) + pb[i], scale_max)
-        c = torch.minimum(c_first[p], c_s).clamp_(-2, scale_max + 4).add_(2).to(torch.int64)
-        block = slice(k * P, (k + 1) * P)
-        key_sorted[block], order = _pack_sort((seg + k * n) * span + c)
-        xs[block] = centred[p][order]
-        ys[block] = centred[q][order]
-    pos = (ok_all & (a_all > 0)).reshape(-1)
-    neg = (ok_all & (a_all < 0)).reshape(-1)
+        tot[:, k] = torch.stack([sums[p], sums[q], sxy])
+        sign = torch.where(ok, torch.sign(a), torch.zeros_like(a))
+        if not bool((sign != 0).any()):
+            continue
+        s, pa, pb, psign = values[q], obj.expand(a), obj.expand(b), obj.expand(sign)
+        # The step at which s crosses the line s = a t + b: for a > 0 the first step with s below
+        # it, for a < 0 the first step with s no longer below it.
+        c = _first_grid_step((s - pb) / pa, lambda m, i: (s[i] < pa[i] * (m / S) + pb[i]) ^ (psign[i] < 0), scale_max)
+        key_base = seg_key + k * n * span
+        if bool((sign > 0).any()):
+            up = psign > 0
+            parts = (key_base + stored(torch.minimum(c_first[p], c)), x, y, xy)
+            pos_parts.append(tuple(select(t, up) for t in parts))
+        if bool((sign < 0).any()):
+            # Pixels above the line (e < c_f) are out of the background for the steps e .. c_f - 1;
+            # the others always in it.
+            down = psign < 0
+            out = down & (c < c_first[p])
+            always = down & ~out
+            spread = [obj.max(torch.where(always, v, -inf)) > obj.min(torch.where(always, v, inf)) for v in (values[p], s)]
+            always_varies[k] = spread[0] & spread[1]
+            parts = (key_base + stored(c), key_base + cf_stored[p], x, y, xy)
+            neg_parts.append(tuple(select(t, out) for t in parts))
+
+    pos_ok = (ok_all & (a_all > 0)).reshape(-1)
+    neg_ok = (ok_all & (a_all < 0)).reshape(-1)
     ok = ok_all.reshape(-1)
-    a_flat, b_flat = a_all.reshape(-1), b_all.reshape(-1)
-    cx, cy, cxy = _cumsum0(xs), _cumsum0(ys), _cumsum0(xs * ys)
-    starts = torch.cat([torch.zeros(1, dtype=torch.int64, device=dev),
-                        torch.cumsum(obj.count.to(torch.int64).repeat(K), 0)[:-1]])
-    # A prefix is constant in f while it ends before the group's first change of value (centred
-    # values change exactly where the values do).
-    change_f, change_s = _first_change(xs, starts), _first_change(ys, starts)
-    del xs, ys
-    group_base = torch.arange(G, device=dev) * span
+    tot = tot.reshape(3, G)
+    count = obj.count.repeat(K)
+    always_varies = always_varies.reshape(-1)
+    if pos_parts:
+        key, x, y, xy = (torch.cat(t) for t in zip(*pos_parts))
+        pre = _Prefix(key, [x, y, xy], span, G)
+        # A prefix is constant in f while it ends before the group's first change of value
+        # (centred values change exactly where the values do).
+        change_f, change_s = _first_change(pre.sorted[0], pre.start), _first_change(pre.sorted[1], pre.start)
+        pre.sorted = []
+    if neg_parts:
+        key_e, key_f, x, y, xy = (torch.cat(t) for t in zip(*neg_parts))
+        pre_e, pre_f = _Prefix(key_e, [x, y, xy], span, G), _Prefix(key_f, [x, y, xy], span, G)
+        pre_e.sorted = pre_f.sorted = []
+    del pos_parts, neg_parts
 
-    def evaluate_pos(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Groups with a > 0: is the background correlation at threshold m defined, and negative."""
-        end = torch.searchsorted(key_sorted, group_base + (m.to(torch.int64).clamp(-3, scale_max + 4) + 3))
-        k = end - starts
-        sx, sy, sxy = cx[end] - cx[starts], cy[end] - cy[starts], cxy[end] - cxy[starts]
-        cov = sxy - sx * sy / k.clamp(min=1)
-        defined = (k >= 3) & (end > change_f) & (end > change_s)
-        return defined, cov < 0
+    def exact_constant(groups: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        """For a few groups: is f or s constant over the background at their step m (bool per group)."""
+        kk = torch.div(groups, n, rounding_mode="floor")
+        i = groups - kk * n
+        cnt = obj.count.to(torch.int64)[i]
+        owner = torch.repeat_interleave(torch.arange(len(groups), device=dev), cnt)
+        pix = obj.starts[i][owner] + torch.arange(int(cnt.sum()), device=dev) - torch.repeat_interleave(
+            torch.cumsum(cnt, 0) - cnt, cnt)
+        pf = torch.tensor([p for p, _ in pairs], device=dev)[kk][owner]
+        pq = torch.tensor([q for _, q in pairs], device=dev)[kk][owner]
+        f, s = values[pf, pix], values[pq, pix]
+        t = (m[groups] / S)[owner]
+        inb = (f < t) | (s < a_all.reshape(-1)[groups][owner] * t + b_all.reshape(-1)[groups][owner])
+        inf = torch.full((len(groups),), float("inf"), dtype=F64, device=dev)
 
-    neg_groups = torch.nonzero(neg).squeeze(1)
-    neg_pix = None
-    if neg_groups.numel():  # pixels of the negative-slope groups, evaluated directly
-        kk = torch.div(neg_groups, n, rounding_mode="floor")
-        obj_mask = torch.zeros((K, n), dtype=torch.bool, device=dev)
-        obj_mask[kk, neg_groups - kk * n] = True
-        sel = obj_mask[:, seg]  # (K, P)
-        pk, pp = torch.nonzero(sel, as_tuple=True)
-        pf = torch.tensor([p for p, _ in pairs], device=dev)[pk]
-        pq = torch.tensor([q for _, q in pairs], device=dev)[pk]
-        gi = pk * n + seg[pp]
-        neg_pix = (gi, values[pf, pp], values[pq, pp], centred[pf, pp], centred[pq, pp])
+        def spread(v):
+            hi = (-inf).scatter_reduce(0, owner, torch.where(inb, v, -inf[owner]), "amax")
+            lo = inf.scatter_reduce(0, owner, torch.where(inb, v, inf[owner]), "amin")
+            return hi > lo
+        return ~(spread(f) & spread(s))
 
-    def evaluate_neg(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        gi, fi, si, xi, yi = neg_pix
-        t = (m / S)[gi]
-        inb = (fi < t) | (si < a_flat[gi] * t + b_flat[gi])
-        w = inb.to(F64)
-
-        def gsum(v):
-            return torch.zeros(G, dtype=F64, device=dev).index_add_(0, gi, v)
-
-        k = gsum(w)
-        cov = gsum(xi * yi * w) - gsum(xi * w) * gsum(yi * w) / k.clamp(min=1)
-        inf = torch.full((G,), float("inf"), dtype=F64, device=dev)
-        ninf = torch.full_like(fi, -float("inf"))
-        pinf = torch.full_like(fi, float("inf"))
-        fmax = (-inf).scatter_reduce(0, gi, torch.where(inb, fi, ninf), "amax")
-        fmin = inf.scatter_reduce(0, gi, torch.where(inb, fi, pinf), "amin")
-        smax = (-inf).scatter_reduce(0, gi, torch.where(inb, si, ninf), "amax")
-        smin = inf.scatter_reduce(0, gi, torch.where(inb, si, pinf), "amin")
-        return (k >= 3) & (fmax > fmin) & (smax > smin), cov < 0
-
-    def evaluate(m):
-        defined, negative = evaluate_pos(m)
-        if neg_pix is not None:
-            d2, n2 = evaluate_neg(m)
-            defined, negative = torch.where(pos, defined, d2), torch.where(pos, negative, n2)
+    def evaluate(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per group: is the background correlation at step m defined, and is it negative."""
+        defined = torch.zeros(G, dtype=torch.bool, device=dev)
+        negative = torch.zeros(G, dtype=torch.bool, device=dev)
+        if pos_ok.any():
+            end = pre.end(m)
+            k = end - pre.start
+            sx, sy, sxy = pre.sums(end)
+            cov = sxy - sx * sy / k.clamp(min=1)
+            defined = torch.where(pos_ok, (k >= 3) & (end > change_f) & (end > change_s), defined)
+            negative = torch.where(pos_ok, cov < 0, negative)
+        if neg_ok.any():
+            end_e, end_f = pre_e.end(m), pre_f.end(m)
+            k_above = (end_e - pre_e.start) - (end_f - pre_f.start)
+            above = [u - v for u, v in zip(pre_e.sums(end_e), pre_f.sums(end_f))]
+            sx, sy, sxy = (t - u for t, u in zip(tot, above))
+            k = count - k_above
+            cov = sxy - sx * sy / k.clamp(min=1)
+            # A constant channel over the background is possible only where the pixels that are
+            # always in it do not already vary; those few groups are checked on their pixels.
+            flat = torch.zeros_like(defined)
+            check = torch.nonzero(neg_ok & (k >= 3) & ~always_varies).squeeze(1)
+            if check.numel():
+                flat[check] = exact_constant(check, m)
+            defined = torch.where(neg_ok, (k >= 3) & ~flat, defined)
+            negative = torch.where(neg_ok, cov < 0, negative)
         return defined, negative
 
     # cp_measure's bisection_costes, every group at once (the bounds are integer-valued floats).
@@ -226,11 +279,10 @@ def costes(obj: Objects, values: torch.Tensor, pairs: list[tuple[int, int]], sca
         if not bool(active.any()):
             break
         defined, negative = evaluate(mid)
-        up = active & (~defined | negative)
-        down = active & ~(~defined | negative)
-        left = torch.where(up, mid - 1, left)
-        right = torch.where(down, mid + 1, right)
-        valid = torch.where(down, mid, valid)
+        move_up = ~defined | negative
+        left = torch.where(active & move_up, mid - 1, left)
+        right = torch.where(active & ~move_up, mid + 1, right)
+        valid = torch.where(active & ~move_up, mid, valid)
         lastmid = torch.where(active, mid, lastmid)
         divisor = torch.where(right - left > 6, torch.full_like(mid, 6 / 5), torch.full_like(mid, 2.0))
         mid = torch.where(active, torch.div(right - left, divisor, rounding_mode="floor") + left, mid)

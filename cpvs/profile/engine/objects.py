@@ -130,7 +130,10 @@ class Objects:
 
     def pixels(self, image: torch.Tensor) -> torch.Tensor:
         """(..., H, W) image -> (..., P) its values at the objects' pixels."""
-        return image.reshape(*image.shape[:-2], -1)[..., self.flat]
+        flat = image.reshape(*image.shape[:-2], -1)
+        if flat.device.type == "cpu":
+            return torch.from_numpy(np.take(flat.numpy(), self.flat.numpy(), axis=-1))
+        return flat[..., self.flat]
 
     def argsort(self, v: torch.Tensor) -> torch.Tensor:
         """(P,) permutation ordering ``v`` ascending within each object (objects stay in place:
@@ -192,6 +195,20 @@ class Objects:
         if cur:
             out.append(torch.tensor(cur, dtype=torch.int64, device=self.device))
         return out
+
+
+def take(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``t[index]`` for a 1-D tensor; numpy's gather is 2-3x faster than torch's on CPU."""
+    if t.device.type == "cpu":
+        return torch.from_numpy(np.take(t.numpy(), index.numpy()))
+    return t[index]
+
+
+def select(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``t[mask]`` for 1-D tensors (numpy's boolean indexing on CPU, for the same reason)."""
+    if t.device.type == "cpu":
+        return torch.from_numpy(t.numpy()[mask.numpy()])
+    return t[mask]
 
 
 def _composite_key(seg: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from cpvs.profile.engine.objects import F64, Hulls, Objects, convex_hulls, segment_sort, sorted_quantile
+from cpvs.profile.engine.objects import F64, Hulls, Objects, convex_hulls
 
 SQRT2 = math.sqrt(2.0)
 _PERIMETER_WEIGHTS = torch.zeros(50, dtype=F64)
@@ -140,30 +140,26 @@ def filled_areas_and_radii(obj: Objects) -> dict[str, torch.Tensor]:
     crop's own padding separates it from the others: hole filling and the distance to the outside
     are those of the object alone, as cp_measure computes them crop by crop.
     """
-    n, dev = obj.n, obj.device
-    filled = torch.zeros(n, dtype=F64)
-    seg_parts, dist_parts = [], []
-    for index in obj.batches(MONTAGE_PIXELS, pad=1):
+    n = obj.n
+    out = {k: np.full(n, np.nan) for k in ("FilledArea", "MaximumRadius", "MeanRadius", "MedianRadius")}
+    for index in obj.batches(MONTAGE_PIXELS, pad=1, max_waste=1.3):
         m = obj.masks(pad=1, index=index).cpu().numpy()
         k, h, w = m.shape
         flat = m.reshape(k * h, w)
-        holes = ndimage.binary_fill_holes(flat, np.ones((3, 3), bool)).reshape(k, h, w)
-        filled[index.cpu()] = torch.from_numpy(holes.sum((1, 2)).astype(np.float64))
-        dist = ndimage.distance_transform_edt(flat).reshape(k, h, w)
-        which, *_ = np.nonzero(m)
-        seg_parts.append(index.cpu()[torch.from_numpy(which)])
-        dist_parts.append(torch.from_numpy(dist[m]))
-    seg = torch.cat(seg_parts) if seg_parts else torch.zeros(0, dtype=torch.int64)
-    dist = torch.cat(dist_parts) if dist_parts else torch.zeros(0, dtype=F64)
-    order = torch.argsort(seg, stable=True)  # group by object; segment_sort then orders within
-    seg, dist = seg[order], dist[order]
-    count = torch.zeros(n, dtype=F64).index_add_(0, seg, torch.ones_like(dist))
-    starts = torch.cumsum(count.to(torch.int64), 0) - count.to(torch.int64)
-    total = torch.zeros(n, dtype=F64).index_add_(0, seg, dist)
-    dmax = torch.zeros(n, dtype=F64).scatter_reduce_(0, seg, dist, "amax", include_self=False)
-    median = sorted_quantile(segment_sort(seg, dist), starts, count, 0.5)
-    return {k: v.to(dev) for k, v in {"FilledArea": filled, "MaximumRadius": dmax, "MeanRadius": total / count,
-                                      "MedianRadius": median}.items()}
+        idx = index.cpu().numpy()
+        out["FilledArea"][idx] = ndimage.binary_fill_holes(flat, np.ones((3, 3), bool)).reshape(k, h, w).sum((1, 2))
+        # Squared distances are integers: sort them exactly within each crop for the medians.
+        d2 = np.rint(ndimage.distance_transform_edt(flat, return_distances=True) ** 2).astype(np.int64).reshape(k, h, w)
+        crop = np.nonzero(m)[0]
+        counts = np.bincount(crop, minlength=k)
+        starts = np.cumsum(counts) - counts
+        d2 = np.sort((crop << 32) | d2[m]) & 0xFFFFFFFF
+        dist = np.sqrt(d2)
+        out["MaximumRadius"][idx] = dist[starts + counts - 1]
+        out["MeanRadius"][idx] = np.add.reduceat(dist, starts) / counts
+        lo, hi = starts + (counts - 1) // 2, starts + counts // 2
+        out["MedianRadius"][idx] = (dist[lo] + dist[hi]) / 2
+    return {k: torch.as_tensor(v, device=obj.device) for k, v in out.items()}
 
 
 def _powers(t: torch.Tensor) -> torch.Tensor:
@@ -171,18 +167,24 @@ def _powers(t: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.ones_like(t), t, t2, t2 * t], -1)
 
 
+def _moment_sums(obj: Objects, dy: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
+    """(n, 4, 4) sums of dy^p dx^q over each object's pixels."""
+    py, px = _powers(dy), _powers(dx)
+    out = torch.empty((obj.n, 4, 4), dtype=F64, device=obj.device)
+    for p in range(4):
+        for q in range(4):
+            out[:, p, q] = obj.sum(py[:, p] * px[:, q])
+    return out
+
+
 def moments(obj: Objects) -> dict[str, torch.Tensor]:
     """Spatial, central, normalized and Hu moments, the inertia tensor and the moment ellipse."""
-    seg = obj.seg
-    ly = obj.y - obj.bbox[:, 0].to(F64)[seg]
-    lx = obj.x - obj.bbox[:, 1].to(F64)[seg]
-    raw = torch.zeros((obj.n, 16), dtype=F64, device=obj.device).index_add_(
-        0, seg, (_powers(ly)[:, :, None] * _powers(lx)[:, None, :]).reshape(-1, 16)).reshape(-1, 4, 4)
+    ly = obj.y - obj.expand(obj.bbox[:, 0].to(F64))
+    lx = obj.x - obj.expand(obj.bbox[:, 1].to(F64))
+    raw = _moment_sums(obj, ly, lx)
     cy = raw[:, 1, 0] / raw[:, 0, 0]
     cx = raw[:, 0, 1] / raw[:, 0, 0]
-    dy, dx = ly - cy[seg], lx - cx[seg]
-    central = torch.zeros((obj.n, 16), dtype=F64, device=obj.device).index_add_(
-        0, seg, (_powers(dy)[:, :, None] * _powers(dx)[:, None, :]).reshape(-1, 16)).reshape(-1, 4, 4)
+    central = _moment_sums(obj, ly - obj.expand(cy), lx - obj.expand(cx))
     mu00 = central[:, 0, 0]
     normalized = torch.full_like(central, float("nan"))
     for p in range(4):

@@ -45,7 +45,7 @@ def _combination(order: int) -> tuple[list[tuple[int, int]], torch.Tensor]:
 
 
 def moment_sums(obj: Objects, centers: torch.Tensor, radii: torch.Tensor, weight: torch.Tensor | None = None,
-                order: int = ORDER, chunk: int = 2**17) -> tuple[torch.Tensor, torch.Tensor]:
+                order: int = ORDER) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-object real and imaginary sums of V_nm over the pixels inside the unit circle: (n, K) each,
     K = len(indexes(order)), in that order.
 
@@ -55,31 +55,27 @@ def moment_sums(obj: Objects, centers: torch.Tensor, radii: torch.Tensor, weight
     """
     powers, A = _combination(order)
     J = len(powers)
+    ym = (obj.y - obj.expand(centers[:, 0])) / obj.expand(radii)
+    xm = (obj.x - obj.expand(centers[:, 1])) / obj.expand(radii)
+    r2 = xm * xm + ym * ym
+    # cp_measure drops r² > 1 (pixels on the circle, by rounding); NaN (radius 0) stays NaN.
+    base = torch.where(r2 > 1, torch.zeros_like(r2), torch.ones_like(r2))
+    if weight is not None:
+        base = base * weight
     sums = torch.zeros((obj.n, 2 * J), dtype=F64, device=obj.device)
-    for lo in range(0, obj.seg.numel(), chunk):
-        sl = slice(lo, lo + chunk)
-        seg = obj.seg[sl]
-        r = radii[seg]
-        ym = (obj.y[sl] - centers[seg, 0]) / r
-        xm = (obj.x[sl] - centers[seg, 1]) / r
-        r2 = xm * xm + ym * ym
-        # cp_measure drops r² > 1 (pixels on the circle, by rounding); NaN (radius 0) stays NaN.
-        base = torch.where(r2 > 1, torch.zeros_like(r2), torch.ones_like(r2))
-        if weight is not None:
-            base = base * weight[sl]
-        cols = torch.empty((seg.numel(), 2 * J), dtype=F64, device=obj.device)
-        zr, zi = base, torch.zeros_like(base)  # base * z^m
-        c = 0
-        for m in range(order + 1):
+    zr, zi = base, torch.zeros_like(base)  # base * z^m
+    c = 0
+    for m in range(order + 1):
+        if m:
+            zr, zi = zr * ym - zi * xm, zr * xm + zi * ym
+        pr, pi = zr, zi
+        for j in range((order - m) // 2 + 1):
+            if j:
+                pr, pi = pr * r2, pi * r2
+            sums[:, c] = obj.sum(pr)
             if m:
-                zr, zi = zr * ym - zi * xm, zr * xm + zi * ym
-            pr, pi = zr, zi
-            for j in range((order - m) // 2 + 1):
-                if j:
-                    pr, pi = pr * r2, pi * r2
-                cols[:, c], cols[:, J + c] = pr, pi
-                c += 1
-        sums.index_add_(0, seg, cols)
+                sums[:, J + c] = obj.sum(pi)
+            c += 1
     A = A.to(obj.device)
     return sums[:, :J] @ A, sums[:, J:] @ A
 

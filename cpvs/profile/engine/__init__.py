@@ -1,0 +1,146 @@
+"""cpvs's own CellProfiler-feature engine: the measurements of the cp_measure path
+(:func:`cpvs.profile.features.measure_field`), vectorized over objects in torch, so the same
+code runs on one CPU thread, on all cores, or on a GPU (``device="cuda"``).
+
+One module per CellProfiler module: :mod:`.intensity`, :mod:`.sizeshape` (with :mod:`.zernike`
+and :mod:`.feret`), :mod:`.texture`, :mod:`.granularity`, :mod:`.radial`, :mod:`.correlation`
+(with :mod:`.costes`) and :mod:`.neighbors`, on the shared bookkeeping of :mod:`.objects`.
+:func:`measure_field` returns the same columns, named the same way, with the same row
+conventions as the cp_measure path (one row per object 1..N, NaN where a compartment has no
+pixels for an object, no row at all for an empty field, a lone object without neighbours).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+
+import numpy as np
+import pandas as pd
+import torch
+
+from cpvs.errors import CpvsError
+from cpvs.profile.features import COMPARTMENTS, LONE_OBJECT, check_skip, cellprofiler_name
+from cpvs.profile.segment import Masks
+
+# Modules written alongside this package; the engine tells which of them a measurement needs.
+_CHANNEL_MODULES = {"texture": ("texture",), "granularity": ("granularity",),
+                    "radial": ("radial_distribution", "radial_zernikes")}
+
+
+def available(module: str) -> bool:
+    """Whether the engine module ``cpvs.profile.engine.<module>`` exists in this installation."""
+    return importlib.util.find_spec(f"{__name__}.{module}") is not None
+
+
+def _module(name: str, skip: tuple[str, ...]):
+    wanted = [m for m in _CHANNEL_MODULES[name] if m not in skip]
+    if not wanted:
+        return None
+    if not available(name):
+        raise CpvsError(f"the cpvs engine cannot measure {', '.join(wanted)} yet",
+                        hint=f"pass --skip {','.join(wanted)}, or use --engine cp_measure")
+    return importlib.import_module(f"{__name__}.{name}")
+
+
+def _objects(labels: torch.Tensor, n: int):
+    """One :class:`~.objects.Objects` per label image, shared with the modules that cache it."""
+    if available("texture"):
+        from cpvs.profile.engine.texture import objects
+
+        return objects(labels, n)
+    from cpvs.profile.engine.objects import Objects
+
+    return Objects.from_labels(labels, n)
+
+
+def _numpy(v) -> np.ndarray:
+    if isinstance(v, torch.Tensor):
+        v = v.detach().to("cpu").numpy()
+    return np.asarray(v, dtype=np.float64)
+
+
+def _channel_key(key: str, channel: str) -> str:
+    """cp_measure's key of a per-channel feature (``Contrast_3_00_256__DNA``)."""
+    return f"{key.removeprefix('Texture_')}__{channel}"
+
+
+def measure_field(images: dict[str, np.ndarray], masks: Masks, channels: list[str], skip: tuple[str, ...] = (),
+                  device: str = "cpu") -> pd.DataFrame:
+    """One row per object (``ObjectNumber`` 1..N) with every measurement of every compartment and channel.
+
+    images: {channel: (H, W) float in [0, 1]}; masks: nuclei/cells/cytoplasm sharing labels 1..N;
+    device: a torch device (``cpu``, ``cuda``, ``cuda:1``). Same columns as the cp_measure path.
+    """
+    from cpvs.profile.engine import correlation, feret, intensity, neighbors, sizeshape, zernike
+    from cpvs.profile.engine.objects import convex_hulls
+
+    skip = check_skip(skip)
+    n = masks.n
+    if n == 0:
+        return pd.DataFrame({"ObjectNumber": pd.Series([], dtype=np.int64)})
+    on = lambda m: m not in skip  # noqa: E731
+    texture, granularity, radial = (_module(m, skip) for m in ("texture", "granularity", "radial"))
+    dev = torch.device(device)
+    imgs = {c: torch.as_tensor(np.asarray(images[c], dtype=np.float64), device=dev) for c in channels}
+    corr = on("correlation") and len(channels) > 1
+    labels_of = {"Nuclei": masks.nuclei, "Cells": masks.cells, "Cytoplasm": masks.cytoplasm}
+
+    cols: dict[str, np.ndarray] = {"ObjectNumber": np.arange(1, n + 1)}
+    for comp in COMPARTMENTS:
+        labels = torch.as_tensor(np.asarray(labels_of[comp], dtype=np.int64), device=dev)
+        obj = _objects(labels, n)
+        res: dict[str, torch.Tensor | np.ndarray] = {}
+        if obj.seg.numel():
+            if on("sizeshape") or on("zernike") or on("feret"):
+                hulls = convex_hulls(labels, n)
+                if on("sizeshape"):
+                    res |= sizeshape.measure(obj, hulls)
+                if on("zernike"):
+                    res |= zernike.measure(obj, hulls)
+                if on("feret"):
+                    res |= feret.measure(obj, hulls)
+            edge = intensity.edge_pixels(obj) if on("intensity") else None
+            for ch in channels:
+                image = imgs[ch]
+                if on("intensity"):
+                    res |= {_channel_key(k, ch): v for k, v in intensity.measure(obj, image, edge).items()}
+                if texture is not None:
+                    res |= {_channel_key(k, ch): v for k, v in texture.measure(labels, image, n).items()}
+                if granularity is not None:
+                    res |= {_channel_key(k, ch): v for k, v in granularity.measure(labels, image, n).items()}
+                if radial is not None:
+                    found = radial.measure(labels, image, n, distribution=on("radial_distribution"),
+                                           zernikes=on("radial_zernikes"))
+                    res |= {_channel_key(k, ch): v for k, v in found.items()}
+            if corr:
+                res |= correlation.measure(obj, imgs, costes=on("costes"))
+            blank = ~obj.present.cpu().numpy()
+            for k, v in res.items():
+                v = _numpy(v).copy()
+                v[blank] = np.nan
+                cols[cellprofiler_name(comp, k)] = v
+        if on("neighbors") and comp in ("Nuclei", "Cells"):
+            found = neighbors.measure(obj) if n >= 2 else {f"Neighbors_{k}_Adjacent": np.full(n, v, dtype=np.float64)
+                                                            for k, v in LONE_OBJECT.items()}
+            cols |= {f"{comp}_{k}": _numpy(v) for k, v in found.items()}
+    return _fill_empty_compartments(pd.DataFrame(cols), n)
+
+
+def _fill_empty_compartments(df: pd.DataFrame, n: int) -> pd.DataFrame:
+    """A compartment without any pixel (no cytoplasm anywhere) still gets its columns, all NaN,
+    named after those measured in another compartment, as the cp_measure path names them."""
+    have = {c.split("_", 1)[0] for c in df.columns if c != "ObjectNumber"}
+    missing = [c for c in COMPARTMENTS if c not in have or not any(
+        col.startswith(f"{c}_") and "_Neighbors_" not in col for col in df.columns)]
+    if not missing:
+        return df
+    donor = next((c for c in COMPARTMENTS if c not in missing), None)
+    if donor is None:
+        return df
+    extra = {}
+    for col in df.columns:
+        if col.startswith(f"{donor}_") and "_Neighbors_" not in col:
+            for comp in missing:
+                extra[comp + col[len(donor):]] = np.full(n, np.nan)
+    return pd.concat([df, pd.DataFrame(extra, index=df.index)], axis=1)
