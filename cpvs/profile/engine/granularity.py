@@ -136,10 +136,14 @@ def reconstruct(seeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """
     if seeds.device.type == "cpu":
         return _reconstruct_sweeps(seeds, mask)
+    return _reconstruct_dilations(seeds, mask)
+
+
+def _reconstruct_dilations(seeds: torch.Tensor, mask: torch.Tensor, check_every: int = 32) -> torch.Tensor:
     r = seeds.clone()
     while True:
         before = r.clone()
-        for _ in range(32):
+        for _ in range(check_every):
             r = torch.minimum(_dilate_cross(r), mask)
         if torch.equal(r, before):
             return r

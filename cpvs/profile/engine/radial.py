@@ -22,6 +22,7 @@ object in its minimum enclosing circle: magnitude / pixel count and CellProfiler
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -51,35 +52,36 @@ def keys(distribution: bool = True, zernikes: bool = True, bin_count: int = 4, s
     return out
 
 
-def _positions(obj: Objects) -> torch.Tensor:
-    """(H*W,) position of each field pixel in ``obj.flat``, -1 outside objects."""
-    h, w = obj.labels.shape
-    pos = torch.full((h * w,), -1, dtype=torch.long, device=obj.device)
-    pos[obj.flat] = torch.arange(obj.flat.numel(), device=obj.device)
-    return pos
+def _take(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``values[index]`` for a 1-D ``values`` and an index of any shape (index_select: several times
+    faster than advanced indexing on the CPU)."""
+    return torch.index_select(values, 0, index.reshape(-1)).view(index.shape)
 
 
-def _neighbour(obj: Objects, pos: torch.Tensor, at: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
-    """Positions (in ``obj.flat``) of the (dy, dx) neighbours of the pixels at positions ``at``;
+def _neighbour_table(obj: Objects) -> torch.Tensor:
+    """(P, 8) positions (in ``obj.flat``) of each pixel's 8 neighbours (order of ``NEIGHBOURS``);
     -1 where the neighbour is outside the field or in another object."""
     h, w = obj.labels.shape
-    y, x = obj.y[at].long() + dy, obj.x[at].long() + dx
+    pos = torch.full((h * w + 1,), -1, dtype=torch.long, device=obj.device)  # last: outside the field
+    pos[obj.flat] = torch.arange(obj.flat.numel(), device=obj.device)
+    dy = torch.tensor([a for a, _, _ in NEIGHBOURS], device=obj.device)
+    dx = torch.tensor([b for _, b, _ in NEIGHBOURS], device=obj.device)
+    y, x = obj.y.long()[:, None] + dy, obj.x.long()[:, None] + dx
     inside = (y >= 0) & (y < h) & (x >= 0) & (x < w)
-    q = pos[(y * w + x).clamp(0, h * w - 1)]
-    ok = inside & (q >= 0)
-    ok &= obj.seg[q.clamp(min=0)] == obj.seg[at]
-    return torch.where(ok, q, torch.full_like(q, -1))
+    q = _take(pos, torch.where(inside, y * w + x, h * w))
+    same = _take(obj.seg, q.clamp(min=0)) == obj.seg[:, None]
+    return torch.where(same, q, -1)
 
 
-def _runs(lab: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """First and last index along ``dim`` of the run of equal labels each pixel of (H, W) ``lab`` is in."""
-    n = lab.shape[dim]
-    idx = torch.arange(n, device=lab.device).view((-1, 1) if dim == 0 else (1, -1)).expand_as(lab)
-    prev = lab.narrow(dim, 0, n - 1) != lab.narrow(dim, 1, n - 1)  # a run ends at i, another starts at i + 1
-    starts = torch.cat([torch.ones_like(lab.narrow(dim, 0, 1), dtype=torch.bool), prev], dim)
-    ends = torch.cat([prev, torch.ones_like(lab.narrow(dim, 0, 1), dtype=torch.bool)], dim)
-    first = torch.cummax(torch.where(starts, idx, torch.zeros_like(idx)), dim).values
-    last = torch.cummin(torch.where(ends, idx, torch.full_like(idx, n)).flip(dim), dim).values.flip(dim)
+def _runs(lab: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """First and last column of the run of equal labels each pixel of (H, W) ``lab`` is in, (H, W) each."""
+    w = lab.shape[1]
+    idx = torch.arange(w, dtype=torch.int32, device=lab.device).expand_as(lab)
+    change = lab[:, 1:] != lab[:, :-1]  # a run ends at x, the next starts at x + 1
+    edge = torch.ones_like(lab[:, :1], dtype=torch.bool)
+    starts, ends = torch.cat([edge, change], 1), torch.cat([change, edge], 1)
+    first = torch.cummax(idx * starts, 1).values
+    last = w - 1 - torch.cummax(idx * ends.flip(1), 1).values.flip(1)
     return first, last
 
 
@@ -87,13 +89,15 @@ def _edge_distance2(obj: Objects) -> torch.Tensor:
     """(P,) squared Euclidean distance of each object pixel to the nearest pixel of another label.
 
     Separable and exact: ``g`` is the distance along the row to the nearest other label
-    (the run's ends); then ``d² = min over y' of g(y', x)² + (y - y')²``, where rows y'
-    outside the pixel's column run give the run's ends directly, and rows inside it are
-    scanned outwards only while ``(y - y')²`` can still beat the best so far.
+    (the ends of the pixel's run); then ``d² = min over y' of g(y', x)² + (y - y')²``, where
+    rows y' outside the pixel's column run give the run's ends directly, and rows inside it
+    are scanned outwards only while ``(y - y')²`` can still beat the best so far (a few
+    passes over fewer and fewer pixels: most are near an edge).
     """
     lab = obj.labels
     h, w = lab.shape
-    inf = torch.tensor(float("inf"), dtype=F64, device=lab.device)
+    dev = lab.device
+    inf = torch.tensor(float("inf"), dtype=F64, device=dev)
     y, x = obj.y.long(), obj.x.long()
 
     def ends(first, last, c, size):
@@ -101,24 +105,32 @@ def _edge_distance2(obj: Objects) -> torch.Tensor:
         after = torch.where(last < size - 1, (last - c + 1).double(), inf)
         return torch.minimum(before, after)
 
-    rf, rl = _runs(lab, 1)
-    g = ends(rf.reshape(-1)[obj.flat], rl.reshape(-1)[obj.flat], x, w)
-    g2 = torch.full((h * w,), float("inf"), dtype=F64, device=lab.device)
+    rf, rl = _runs(lab)
+    g = ends(_take(rf.reshape(-1), obj.flat), _take(rl.reshape(-1), obj.flat), x, w)
+    g2 = torch.full((h * w,), float("inf"), dtype=F64, device=dev)
     g2[obj.flat] = g * g
-    cf, cl = _runs(lab, 0)
-    top, bottom = cf.reshape(-1)[obj.flat], cl.reshape(-1)[obj.flat]
+    cf, cl = _runs(lab.t().contiguous())  # columns as rows of the transpose: cummax along a row is fast
+    flat_t = x * h + y
+    top, bottom = _take(cf.reshape(-1), flat_t).long(), _take(cl.reshape(-1), flat_t).long()
     best = torch.minimum(ends(top, bottom, y, h) ** 2, g * g)
-    active = torch.arange(obj.flat.numel(), device=lab.device)
+    # the scan over y' on the pixels still open, compacted when enough have closed
+    state = torch.stack([torch.arange(best.numel(), device=dev), obj.flat, y, top, bottom])  # (5, A)
+    cur = best.clone()
     dy = 1
-    while True:
-        active = active[best[active] > dy * dy]
-        if active.numel() == 0:
-            return best
-        f, yy = obj.flat[active], y[active]
-        up = torch.where(yy - dy >= top[active], g2[(f - dy * w).clamp(min=0)] + dy * dy, inf)
-        down = torch.where(yy + dy <= bottom[active], g2[(f + dy * w).clamp(max=h * w - 1)] + dy * dy, inf)
-        best[active] = torch.minimum(best[active], torch.minimum(up, down))
+    while state.shape[1]:
+        open_ = cur > dy * dy
+        if int(open_.sum()) < 0.75 * state.shape[1]:
+            best.index_copy_(0, state[0], cur)
+            keep = open_.nonzero().squeeze(1)
+            state, cur = torch.index_select(state, 1, keep), torch.index_select(cur, 0, keep)
+            if not state.shape[1]:
+                break
+        _, f, yy, t, b = state
+        up = torch.where(yy - dy >= t, _take(g2, (f - dy * w).clamp(min=0)), inf)
+        down = torch.where(yy + dy <= b, _take(g2, (f + dy * w).clamp(max=h * w - 1)), inf)
+        cur = torch.minimum(cur, torch.minimum(up, down) + dy * dy)
         dy += 1
+    return best
 
 
 def _centres(obj: Objects, d2: torch.Tensor) -> torch.Tensor:
@@ -128,50 +140,53 @@ def _centres(obj: Objects, d2: torch.Tensor) -> torch.Tensor:
     return torch.full((obj.n,), d2.numel(), dtype=torch.long, device=obj.device).scatter_reduce(0, obj.seg, cand, "amin")
 
 
-def _geodesic(obj: Objects, pos: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
+def _geodesic(obj: Objects, table: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
     """(P,) geodesic distance from the object's centre over 8-connected steps of 1 and sqrt(2); inf if unreachable.
 
-    The octile distance (the shortest path without walls) is a lower bound; where it satisfies
-    ``d(p) = min over neighbours in the object (d(q) + step)`` at every pixel but the centre,
-    it is the exact distance (the minimising neighbours form a path to the centre). Objects
-    where it does not (concave, rings, pieces) are solved by label-correcting relaxation from
-    their centre, one wave of small ops per step of path length.
+    The octile distance (the shortest path without walls) is a lower bound. A pixel whose
+    octile value is matched by an in-object neighbour (``d(q) + step == d(p)``) along a chain
+    of such neighbours down to the centre has its exact distance (the chain is a path that
+    long). The other pixels (behind concavities, around holes, in pieces cut off from the
+    centre) are relaxed from the exact ones, one wave of small ops per step of path length.
+    table (P, 8) from :func:`_neighbour_table`; centre (n,) positions (P for an empty object).
     """
-    has = centre < obj.seg.numel()
-    cy, cx = obj.y[centre.clamp(max=obj.seg.numel() - 1)], obj.x[centre.clamp(max=obj.seg.numel() - 1)]
-    ady, adx = (obj.y - cy[obj.seg]).abs(), (obj.x - cx[obj.seg]).abs()
+    p = obj.seg.numel()
+    inf = torch.tensor(float("inf"), dtype=F64, device=table.device)
+    step = torch.tensor([s for _, _, s in NEIGHBOURS], dtype=F64, device=table.device)
+    c = centre.clamp(max=p - 1)
+    ady, adx = (obj.y - obj.y[c][obj.seg]).abs(), (obj.x - obj.x[c][obj.seg]).abs()
     lo, hi = torch.minimum(ady, adx), torch.maximum(ady, adx)
     d = (hi - lo) + lo * SQRT2
-    everyone = torch.arange(d.numel(), device=d.device)
-    support = torch.full_like(d, float("inf"))
-    for dy, dx, step in NEIGHBOURS:
-        q = _neighbour(obj, pos, everyone, dy, dx)
-        support = torch.minimum(support, torch.where(q >= 0, d[q.clamp(min=0)] + step, torch.full_like(d, float("inf"))))
-    is_centre = torch.zeros_like(has[obj.seg])
-    is_centre[centre[has]] = True
-    broken = (support > d + 1e-9) & ~is_centre
-    bad = torch.zeros(obj.n, dtype=torch.bool, device=d.device)
-    bad[obj.seg[broken]] = True
-    if not bool(bad.any()):
+    # predecessor: a neighbour on a shortest unobstructed path (p itself at the centre, -1 if none)
+    via = torch.where(table >= 0, _take(d, table.clamp(min=0)) + step, inf)
+    match = (via - d[:, None]).abs() <= 1e-9
+    first = torch.where(match, torch.arange(8, device=d.device), torch.full_like(table, 8)).min(1).values
+    pred = torch.where(first < 8, table.gather(1, first.clamp(max=7)[:, None]).squeeze(1), torch.full_like(first, p))
+    has = centre < p
+    pred[centre[has]] = centre[has]
+    # pointer jumping to each chain's end: the centre (exact) or the sink p (a dead end)
+    pred = torch.cat([pred, torch.tensor([p], device=d.device)])
+    while True:
+        nxt = _take(pred, pred)
+        if torch.equal(nxt, pred):
+            break
+        pred = nxt
+    exact = torch.zeros(p + 1, dtype=torch.bool, device=d.device)
+    exact[centre[has]] = True
+    exact = exact[pred[:p]]
+    if bool(exact.all()):
         return d
-    redo = bad[obj.seg]
-    d[redo] = float("inf")
-    front = centre[bad & has]
-    d[front] = 0.0
-    owner = torch.full_like(obj.seg, -1)
+    d = torch.where(exact, d, inf)
+    near = ((table >= 0) & ~_take(exact, table.clamp(min=0))).any(1) & exact
+    front = near.nonzero().squeeze(1)
+    owner = torch.full((p,), -1, dtype=torch.long, device=d.device)
     while front.numel():
-        cand_q, cand_d = [], []
-        for dy, dx, step in NEIGHBOURS:
-            q = _neighbour(obj, pos, front, dy, dx)
-            ok = q >= 0
-            q, v = q[ok], d[front[ok]] + step
-            better = v < d[q] - 1e-12
-            cand_q.append(q[better])
-            cand_d.append(v[better])
-        q, v = torch.cat(cand_q), torch.cat(cand_d)
+        q = table[front]  # (F, 8)
+        v = d[front][:, None] + step
+        better = (q >= 0) & (v < d[q.clamp(min=0)] - 1e-12)
+        q, v = q[better], v[better]
         d.scatter_reduce_(0, q, v, "amin")
-        # one entry per improved pixel for the next wave
-        owner[q] = torch.arange(q.numel(), device=q.device)
+        owner[q] = torch.arange(q.numel(), device=q.device)  # one entry per improved pixel
         front = q[owner[q] == torch.arange(q.numel(), device=q.device)]
     return d
 
@@ -183,10 +198,9 @@ def _geometry(obj: Objects, bin_count: int, scaled: bool, maximum_radius: float)
     + wedge (bins = bin_count + 1, the last one the overflow of unscaled bins) and ``count``
     (n, bins, 8) pixels per key.
     """
-    pos = cached_on(obj.labels, ("positions", obj.n), lambda: _positions(obj))
     d2 = _edge_distance2(obj)
     centre = _centres(obj, d2)
-    d_centre = _geodesic(obj, pos, centre)
+    d_centre = _geodesic(obj, _neighbour_table(obj), centre)
     good = torch.isfinite(d_centre).nonzero().squeeze(1)
     seg = obj.seg[good]
     dc = d_centre[good]
@@ -230,10 +244,87 @@ def _distribution(obj: Objects, values: torch.Tensor, geo: dict[str, torch.Tenso
     return out
 
 
+@functools.lru_cache(maxsize=4)
+def _zernike_matrix(degree: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(deg+1)², K real and imaginary coefficients taking the moments sum(w u^a v^b) (row a * (deg+1) + b)
+    to the sums of V_nm = R_nm(r) / r^m * (v + i u)^m (z = y + i x, as centrosome), K = len(indexes)."""
+    size = degree + 1
+    idx = zk.indexes(degree)
+    re = torch.zeros((size * size, len(idx)), dtype=F64)
+    im = torch.zeros((size * size, len(idx)), dtype=F64)
+    for k, (n, m) in enumerate(idx):
+        top = (n - m) // 2
+        for i, c in enumerate(zk._radial_coefficients(n, m)):  # c * (u² + v²)^j
+            j = top - i
+            for t in range(j + 1):  # (u²)^t (v²)^(j-t)
+                for q in range(m + 1):  # (i u)^q v^(m-q)
+                    coef = c * math.comb(j, t) * math.comb(m, q)
+                    a, b = 2 * t + q, 2 * (j - t) + m - q
+                    unit = (1, 1j, -1, -1j)[q % 4]
+                    re[a * size + b, k] += coef * unit.real
+                    im[a * size + b, k] += coef * unit.imag
+    return re, im
+
+
+def _powers(x: torch.Tensor, degree: int) -> torch.Tensor:
+    """(degree + 1, m) x**0 .. x**degree of x (m,), by repeated products (a fraction of ``pow``'s cost)."""
+    out = torch.empty((degree + 1, x.numel()), dtype=x.dtype, device=x.device)
+    out[0] = 1.0
+    for a in range(1, degree + 1):
+        torch.mul(out[a - 1], x, out=out[a])
+    return out
+
+
+def _zernike_geometry(obj: Objects, degree: int) -> dict[str, torch.Tensor]:
+    """Unit-circle coordinates of every pixel, grouped by object row.
+
+    ``u`` (deg+1, P): powers of x' = (x - cx) / r, zero where x'² + y'² > 1 (cp_measure's
+    cut, same expression; NaN for a one-pixel object stays NaN); ``row`` (P,) index of the
+    pixel's (object, row) run, ``first`` (R,) its first pixel; ``v`` (deg+1, R) powers of y' of
+    each run; ``row_obj`` (R,) its object, ``obj_first`` (present objects,) each object's first run.
+    """
+    centres, radii = enclosing_circles(obj.labels, obj.n)
+    r = radii[obj.seg]
+    ym = (obj.y - centres[obj.seg, 0]) / r
+    xm = (obj.x - centres[obj.seg, 1]) / r
+    cut = (xm * xm + ym * ym) > 1
+    u = torch.where(cut, 0.0, _powers(xm, degree))  # (deg+1, P): runs of a row are contiguous
+    # pixels are grouped by object and row-major inside it: an (object, row) run is contiguous
+    new = torch.ones_like(cut)
+    new[1:] = (obj.seg[1:] != obj.seg[:-1]) | (obj.y[1:] != obj.y[:-1])
+    row = torch.cumsum(new.long(), 0) - 1
+    first = new.nonzero().squeeze(1)
+    row_obj = obj.seg[first]
+    # each present object's rows are consecutive too: its first row
+    obj_first = torch.cat([torch.ones(1, dtype=torch.bool, device=obj.device), row_obj[1:] != row_obj[:-1]]).nonzero().squeeze(1)
+    return {"u": u, "row": row, "first": first, "v": _powers(ym[first], degree), "row_obj": row_obj,
+            "obj_first": obj_first, "present": obj.present}
+
+
+def _run_sums(x: torch.Tensor, index: torch.Tensor, starts: torch.Tensor, n: int) -> torch.Tensor:
+    """Sums of x (k, P) over consecutive runs of its columns (run of each column: index (P,), first
+    columns: starts (n,), all runs non-empty): (k, n). numpy's reduceat on the CPU (several times
+    faster than a scatter), index_add elsewhere."""
+    if x.device.type == "cpu":
+        return torch.from_numpy(np.add.reduceat(x.numpy(), starts.numpy(), axis=1))
+    return torch.zeros((x.shape[0], n), dtype=x.dtype, device=x.device).index_add_(1, index, x)
+
+
 def _zernikes(obj: Objects, values: torch.Tensor, degree: int) -> dict[str, torch.Tensor]:
-    """Intensity-weighted Zernike magnitudes (/ pixel count) and phases in the minimum enclosing circle."""
-    centres, radii = cached_on(obj.labels, ("enclosing_circles", obj.n), lambda: enclosing_circles(obj.labels, obj.n))
-    real, imag = zk.moment_sums(obj, centres, radii, weight=values, order=degree)
+    """Intensity-weighted Zernike magnitudes (/ pixel count) and phases in the minimum enclosing circle.
+
+    The sums of w V_nm are linear in the moments sum(w u^a v^b) (a, b <= degree), taken per
+    object row first (v is constant along a row), then per object.
+    """
+    geo = cached_on(obj.labels, ("radial_zernike", obj.n, degree), lambda: _zernike_geometry(obj, degree))
+    size = degree + 1
+    rows = _run_sums(geo["u"] * values, geo["row"], geo["first"], geo["v"].shape[1])  # (a, R)
+    per_row = (rows[:, None, :] * geo["v"][None, :, :]).reshape(size * size, -1)  # (a * size + b, R)
+    present = geo["present"]
+    moments = torch.zeros((obj.n, size * size), dtype=F64, device=obj.device)
+    moments[present] = _run_sums(per_row, geo["row_obj"], geo["obj_first"], int(present.sum())).t()
+    re, im = (m.to(obj.device) for m in _zernike_matrix(degree))
+    real, imag = moments @ re, moments @ im
     magnitude = torch.sqrt(real * real + imag * imag) / obj.count[:, None]
     phase = torch.atan2(real, imag)  # CellProfiler's argument order, kept for parity
     out = {}
@@ -249,7 +340,7 @@ def measure(labels: torch.Tensor, image: torch.Tensor, n: int, distribution: boo
 
     labels (H, W) int64, objects 1..n, 0 = background; image (H, W) float64 in [0, 1].
     Returns cp_measure's keys without the channel (``RadialDistribution_FracAtD_1of4``,
-    ``RadialDistribution_ZernikePhase_3_1``, ...) -> (n,) arrays.
+    ``RadialDistribution_ZernikePhase_3_1``, ...) -> (n,) arrays; NaN for an object without pixels.
     """
     obj = objects(labels, n)
     values = obj.pixels(image).to(F64)
@@ -260,4 +351,6 @@ def measure(labels: torch.Tensor, image: torch.Tensor, n: int, distribution: boo
         out.update(_distribution(obj, values, geo, bin_count, scaled))
     if zernikes:
         out.update(_zernikes(obj, values, zernike_degree))
-    return {k: out[k].cpu().numpy() for k in keys(distribution, zernikes, bin_count, scaled, zernike_degree)}
+    absent = ~obj.present
+    return {k: torch.where(absent, float("nan"), out[k]).cpu().numpy()
+            for k in keys(distribution, zernikes, bin_count, scaled, zernike_degree)}
