@@ -32,6 +32,20 @@ LONE_OBJECT = {"NumberOfNeighbors": 0.0, "FirstClosestDistance": np.nan, "Second
                 "AngleBetweenNeighbors": np.nan, "PercentTouching": 0.0}
 
 
+ENGINES = ("cpvs", "cp_measure")
+
+
+def check_engine(engine: str, device: str = "cpu") -> None:
+    """A known engine; a device only for the cpvs engine (cp_measure runs on the CPU)."""
+    from cpvs.device import check_device
+
+    if engine not in ENGINES:
+        raise CpvsError(f"unknown engine {engine!r}; engines are {', '.join(ENGINES)}")
+    check_device(device)
+    if engine == "cp_measure" and device not in ("cpu", "auto"):
+        raise CpvsError(f"--device {device}: the cp_measure engine runs on the CPU only", hint="use --engine cpvs")
+
+
 def check_skip(skip: list[str] | tuple[str, ...]) -> tuple[str, ...]:
     bad = [s for s in skip if s not in MODULES]
     if bad:

@@ -2,8 +2,9 @@
 
 Per field (in parallel worker processes): read the stains, correct illumination
 per plate and channel (as for training), scale to [0, 1], segment (or load the
-masks of another plate with ``masks_from``), measure with cp_measure, and write
-the single-cell table and the masks. Finished fields are skipped on a rerun;
+masks of another plate with ``masks_from``), measure (``engine``: cpvs's own
+vectorized engine, or cp_measure, the reference), and write the single-cell
+table and the masks. Finished fields are skipped on a rerun;
 ``shard`` takes every n-th field. When every field of a plate is done, single
 cells are aggregated to images (median), wells and perturbations, with the
 platemap's ``Metadata_`` columns, and written as Parquet.
@@ -31,7 +32,8 @@ from cpvs.plate.layout import Field, Plate
 from cpvs.plate.tiff import read_image, write_image
 from cpvs.predict.runner import shard_fields
 from cpvs.preprocess.illumination import plate_illumination
-from cpvs.profile.features import check_skip, measure_field
+from cpvs.profile.features import check_engine, check_skip
+from cpvs.profile.features import measure_field as measure_field_cp_measure
 from cpvs.profile.segment import Masks, SegmentParams, pair_objects, segment_field
 from cpvs.runinfo import atomic_path, plain, write_run_record
 from cpvs.tables import aggregate
@@ -52,6 +54,8 @@ class ProfileConfig:
     segment: SegmentParams = field(default_factory=SegmentParams)
     masks_from: Path | None = None
     skip: tuple[str, ...] = ()
+    engine: str = "cpvs"  # cpvs | cp_measure (the reference, ~20-50x slower)
+    device: str = "cpu"  # torch device of the cpvs engine: cpu, cuda, cuda:N
     illum_size: int = 249
     illum_fields: int = 256
     workers: int = 1
@@ -127,6 +131,22 @@ def _overlay_png(path: Path, images: dict[str, np.ndarray], masks: Masks, seg: S
     plt.close(fig)
 
 
+def measure(images: dict[str, np.ndarray], masks: Masks, channels: list[str], cfg: ProfileConfig) -> pd.DataFrame:
+    """One field's single-cell table with the configured engine."""
+    if cfg.engine == "cp_measure":
+        return measure_field_cp_measure(images, masks, channels, cfg.skip)
+    from cpvs.profile.engine import measure_field
+
+    return measure_field(images, masks, channels, cfg.skip, device=cfg.device)
+
+
+def _one_thread() -> None:
+    """Worker processes share the machine's cores: one torch (and BLAS) thread each."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 def _field_job(job: tuple) -> tuple[str, int, str | None]:
     """Runs in a worker process: one field to its single-cell table, masks and overlay."""
     f, read_channels, measure_channels, illum, cfg, cell_path, overlay = job
@@ -147,7 +167,7 @@ def _field_job(job: tuple) -> tuple[str, int, str | None]:
             mdir = Path(cfg.out) / "masks" / f.plate
             write_image(mdir / mask_name(f, "nuclei"), masks.nuclei.astype(np.uint32), compression="zlib")
             write_image(mdir / mask_name(f, "cells"), masks.cells.astype(np.uint32), compression="zlib")
-        table = measure_field(images, masks, measure_channels, cfg.skip)
+        table = measure(images, masks, measure_channels, cfg)
         table.insert(0, "Metadata_Site", f.site)
         table.insert(0, "Metadata_Well", f.well)
         table.insert(0, "Metadata_Plate", f.plate)
@@ -181,6 +201,7 @@ def profile_plate(cfg: ProfileConfig, progress: Progress | None = None) -> Profi
     t0 = time.perf_counter()
     progress = progress or (lambda *a, **k: None)
     check_skip(cfg.skip)
+    check_engine(cfg.engine, cfg.device)
     if cfg.aggregate not in ("median", "mean"):
         raise CpvsError(f"--aggregate must be median or mean, got {cfg.aggregate!r}")
     plate = discover_plate(cfg.plate, channel_map=cfg.channel_map, plate_name=cfg.plate_name, platemap=cfg.platemap,
@@ -200,7 +221,7 @@ def profile_plate(cfg: ProfileConfig, progress: Progress | None = None) -> Profi
     skipped: list[dict] = list(plate.skipped)
     n_written = 0
     if cfg.workers > 1 and len(jobs) > 1:
-        ex = ProcessPoolExecutor(cfg.workers)
+        ex = ProcessPoolExecutor(cfg.workers, initializer=_one_thread)
         results = ex.map(_field_job, jobs, chunksize=1)
     else:
         ex = None

@@ -69,7 +69,7 @@ def _first_change(v: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
     before it, or len(v) if none: a group prefix ending before it is constant."""
     changes = torch.nonzero(v[1:] != v[:-1]).squeeze(1) + 1
     changes = torch.cat([changes, torch.tensor([v.numel()], device=v.device)])
-    return changes[torch.searchsorted(changes, starts + 1)]
+    return changes[torch.searchsorted(changes, starts + 1).clamp(max=changes.numel() - 1)]
 
 
 def _regression(obj: Objects, values, centred, p: int, q: int, ss, vmax, vmin, zero, sxy):
