@@ -58,18 +58,23 @@ def _take(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return torch.index_select(values, 0, index.reshape(-1)).view(index.shape)
 
 
-def _neighbour_table(obj: Objects) -> torch.Tensor:
-    """(P, 8) positions (in ``obj.flat``) of each pixel's 8 neighbours (order of ``NEIGHBOURS``);
+def _positions(obj: Objects) -> torch.Tensor:
+    """(H*W + 1,) position of each field pixel in ``obj.flat``; -1 off the objects and at the last
+    entry, which stands for any pixel outside the field."""
+    h, w = obj.labels.shape
+    pos = torch.full((h * w + 1,), -1, dtype=torch.long, device=obj.device)
+    pos[obj.flat] = torch.arange(obj.flat.numel(), device=obj.device)
+    return pos
+
+
+def _neighbours(obj: Objects, pos: torch.Tensor, at: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
+    """Positions of the (dy, dx) neighbours (broadcast with ``at``) of the pixels at positions ``at``;
     -1 where the neighbour is outside the field or in another object."""
     h, w = obj.labels.shape
-    pos = torch.full((h * w + 1,), -1, dtype=torch.long, device=obj.device)  # last: outside the field
-    pos[obj.flat] = torch.arange(obj.flat.numel(), device=obj.device)
-    dy = torch.tensor([a for a, _, _ in NEIGHBOURS], device=obj.device)
-    dx = torch.tensor([b for _, b, _ in NEIGHBOURS], device=obj.device)
-    y, x = obj.y.long()[:, None] + dy, obj.x.long()[:, None] + dx
+    y, x = _take(obj.y, at).long() + dy, _take(obj.x, at).long() + dx
     inside = (y >= 0) & (y < h) & (x >= 0) & (x < w)
     q = _take(pos, torch.where(inside, y * w + x, h * w))
-    same = _take(obj.seg, q.clamp(min=0)) == obj.seg[:, None]
+    same = _take(obj.seg, q.clamp(min=0)) == _take(obj.seg, at)
     return torch.where(same, q, -1)
 
 
@@ -140,55 +145,68 @@ def _centres(obj: Objects, d2: torch.Tensor) -> torch.Tensor:
     return torch.full((obj.n,), d2.numel(), dtype=torch.long, device=obj.device).scatter_reduce(0, obj.seg, cand, "amin")
 
 
-def _geodesic(obj: Objects, table: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
+def _geodesic(obj: Objects, centre: torch.Tensor) -> torch.Tensor:
     """(P,) geodesic distance from the object's centre over 8-connected steps of 1 and sqrt(2); inf if unreachable.
 
-    The octile distance (the shortest path without walls) is a lower bound. A pixel whose
-    octile value is matched by an in-object neighbour (``d(q) + step == d(p)``) along a chain
-    of such neighbours down to the centre has its exact distance (the chain is a path that
-    long). The other pixels (behind concavities, around holes, in pieces cut off from the
-    centre) are relaxed from the exact ones, one wave of small ops per step of path length.
-    table (P, 8) from :func:`_neighbour_table`; centre (n,) positions (P for an empty object).
+    The octile distance (the shortest path without walls) is a lower bound. Without walls a
+    pixel's octile value is reached from the diagonal neighbour towards the centre, or from the
+    straight one along the longer axis; a pixel with such a neighbour in its object, along a
+    chain of them down to the centre, has its exact distance (the chain is a path that long).
+    The other pixels (behind concavities, around holes, in pieces cut off from the centre) are
+    relaxed from the exact ones, one wave of small ops per step of path length.
+    centre (n,) positions (P for an empty object).
     """
     p = obj.seg.numel()
-    inf = torch.tensor(float("inf"), dtype=F64, device=table.device)
-    step = torch.tensor([s for _, _, s in NEIGHBOURS], dtype=F64, device=table.device)
-    c = centre.clamp(max=p - 1)
-    ady, adx = (obj.y - obj.y[c][obj.seg]).abs(), (obj.x - obj.x[c][obj.seg]).abs()
+    dev = obj.device
+    pos = cached_on(obj.labels, ("positions", obj.n), lambda: _positions(obj))
+    c = _take(centre.clamp(max=p - 1), obj.seg)
+    sy, sx = torch.sign(obj.y - _take(obj.y, c)).long(), torch.sign(obj.x - _take(obj.x, c)).long()
+    ady, adx = (obj.y - _take(obj.y, c)).abs(), (obj.x - _take(obj.x, c)).abs()
     lo, hi = torch.minimum(ady, adx), torch.maximum(ady, adx)
     d = (hi - lo) + lo * SQRT2
-    # predecessor: a neighbour on a shortest unobstructed path (p itself at the centre, -1 if none)
-    via = torch.where(table >= 0, _take(d, table.clamp(min=0)) + step, inf)
-    match = (via - d[:, None]).abs() <= 1e-9
-    first = torch.where(match, torch.arange(8, device=d.device), torch.full_like(table, 8)).min(1).values
-    pred = torch.where(first < 8, table.gather(1, first.clamp(max=7)[:, None]).squeeze(1), torch.full_like(first, p))
+    everyone = torch.arange(p, device=dev)
+    diag = _neighbours(obj, pos, everyone, -sy, -sx)
+    straight = _neighbours(obj, pos, everyone, torch.where(ady > adx, -sy, 0), torch.where(adx > ady, -sx, 0))
+    pred = torch.where((lo > 0) & (diag >= 0), diag, torch.where((hi > lo) & (straight >= 0), straight, p))
     has = centre < p
     pred[centre[has]] = centre[has]
     # pointer jumping to each chain's end: the centre (exact) or the sink p (a dead end)
-    pred = torch.cat([pred, torch.tensor([p], device=d.device)])
+    pred = torch.cat([pred, torch.tensor([p], device=dev)])
     while True:
         nxt = _take(pred, pred)
         if torch.equal(nxt, pred):
             break
         pred = nxt
-    exact = torch.zeros(p + 1, dtype=torch.bool, device=d.device)
+    exact = torch.zeros(p + 1, dtype=torch.bool, device=dev)
     exact[centre[has]] = True
-    exact = exact[pred[:p]]
+    exact = _take(exact, pred[:p])
     if bool(exact.all()):
         return d
-    d = torch.where(exact, d, inf)
-    near = ((table >= 0) & ~_take(exact, table.clamp(min=0))).any(1) & exact
-    front = near.nonzero().squeeze(1)
-    owner = torch.full((p,), -1, dtype=torch.long, device=d.device)
-    while front.numel():
-        q = table[front]  # (F, 8)
-        v = d[front][:, None] + step
-        better = (q >= 0) & (v < d[q.clamp(min=0)] - 1e-12)
+    # Relax the other pixels ("rest", indexed locally) from their exact neighbours, wave by wave.
+    dy = torch.tensor([a for a, _, _ in NEIGHBOURS], device=dev)
+    dx = torch.tensor([b for _, b, _ in NEIGHBOURS], device=dev)
+    step = torch.tensor([s for _, _, s in NEIGHBOURS], dtype=F64, device=dev)
+    rest = (~exact).nonzero().squeeze(1)
+    local = torch.full((p + 1,), -1, dtype=torch.long, device=dev)  # rest-local index; -1 elsewhere (and at -1)
+    local[rest] = torch.arange(rest.numel(), device=dev)
+    nb_rest = _neighbours(obj, pos, rest[:, None], dy, dx)  # (R, 8) global
+    sources = nb_rest[nb_rest >= 0].unique()
+    sources = sources[_take(exact, sources)]  # exact pixels next to the rest
+    into = lambda nb: _take(local, torch.where(nb >= 0, nb, p))  # noqa: E731  (global -> rest-local)
+    table = into(nb_rest)  # (R, 8): each rest pixel's rest neighbours
+    dist = torch.full((rest.numel(),), float("inf"), dtype=F64, device=dev)
+    q, v = into(_neighbours(obj, pos, sources[:, None], dy, dx)), _take(d, sources)[:, None] + step
+    owner = torch.full((rest.numel(),), -1, dtype=torch.long, device=dev)
+    while True:
+        better = (q >= 0) & (v < _take(dist, q.clamp(min=0)) - 1e-12)
         q, v = q[better], v[better]
-        d.scatter_reduce_(0, q, v, "amin")
-        owner[q] = torch.arange(q.numel(), device=q.device)  # one entry per improved pixel
-        front = q[owner[q] == torch.arange(q.numel(), device=q.device)]
-    return d
+        if not q.numel():
+            break
+        dist.scatter_reduce_(0, q, v, "amin")
+        owner[q] = torch.arange(q.numel(), device=dev)  # one entry per improved pixel
+        front = q[owner[q] == torch.arange(q.numel(), device=dev)]
+        q, v = table[front], _take(dist, front)[:, None] + step
+    return d.index_copy(0, rest, dist)
 
 
 def _geometry(obj: Objects, bin_count: int, scaled: bool, maximum_radius: float) -> dict[str, torch.Tensor]:
@@ -200,7 +218,7 @@ def _geometry(obj: Objects, bin_count: int, scaled: bool, maximum_radius: float)
     """
     d2 = _edge_distance2(obj)
     centre = _centres(obj, d2)
-    d_centre = _geodesic(obj, _neighbour_table(obj), centre)
+    d_centre = _geodesic(obj, centre)
     good = torch.isfinite(d_centre).nonzero().squeeze(1)
     seg = obj.seg[good]
     dc = d_centre[good]

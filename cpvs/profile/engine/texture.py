@@ -97,30 +97,24 @@ def _pairs(obj: Objects, scale: int) -> dict[str, torch.Tensor]:
     pair, and ``group`` (K,) = object index * 4 + direction.
     """
     h, w = obj.labels.shape
-    idx, seg = obj.flat, obj.seg
-    rows, cols = obj.y.long(), obj.x.long()
-    # position of each field pixel in obj.flat (-1 outside objects): turns a neighbour's
-    # flat index into its position without a search.
-    pos = torch.full((h * w,), -1, dtype=torch.long, device=idx.device)
-    pos[idx] = torch.arange(idx.numel(), device=idx.device)
+    dev = obj.device
+    p = obj.flat.numel()
+    # position of each field pixel in obj.flat (-1 outside objects, last entry: outside the field):
+    # turns a neighbour's flat index into its position without a search.
+    pos = torch.full((h * w + 1,), -1, dtype=torch.int32, device=dev)
+    pos[obj.flat] = torch.arange(p, dtype=torch.int32, device=dev)
+    y, x = obj.y.long(), obj.x.long()
     a, b, group = [], [], []
     for d, (dy, dx) in enumerate(DIRECTIONS):
         dy, dx = dy * scale, dx * scale
-        first = ((rows + dy < h) & (cols + dx >= 0) & (cols + dx < w)).nonzero().squeeze(1)
-        second = pos[idx[first] + dy * w + dx]
-        same = second >= 0
-        first, second = first[same], second[same]
-        same = seg[second] == seg[first]
-        first, second = first[same], second[same]
+        inside = (y + dy < h) & (x + dx >= 0) & (x + dx < w)  # dy >= 0
+        second = torch.index_select(pos, 0, torch.where(inside, obj.flat + (dy * w + dx), h * w)).long()
+        same = torch.index_select(obj.seg, 0, second.clamp(min=0)) == obj.seg
+        first = (same & (second >= 0)).nonzero().squeeze(1)
         a.append(first)
-        b.append(second)
-        group.append(seg[first] * len(DIRECTIONS) + d)
+        b.append(torch.index_select(second, 0, first))
+        group.append(torch.index_select(obj.seg, 0, first) * len(DIRECTIONS) + d)
     return {"a": torch.cat(a), "b": torch.cat(b), "group": torch.cat(group)}
-
-
-def _entropy(p: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """-sum p log2 p over the non-zero entries (mahotas' convention)."""
-    return -(p * torch.log2(torch.where(p > 0, p, torch.ones_like(p)))).sum(dim)
 
 
 def _cooccurrences(a: torch.Tensor, b: torch.Tensor, group: torch.Tensor, n_groups: int,
