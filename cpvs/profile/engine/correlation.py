@@ -73,14 +73,15 @@ def measure(obj: Objects, images: dict[str, torch.Tensor], costes: bool = True, 
         out[f"Correlation_RWC_1__{a}__{b}"] = torch.where(any_both, obj.sum(fa * weight) / tot_above[a], zero)
         out[f"Correlation_RWC_2__{a}__{b}"] = torch.where(any_both, obj.sum(fb * weight) / tot_above[b], zero)
     if costes:
-        out |= _costes_all(obj, v, names, scale_max)
+        out |= measure_costes(obj, images, scale_max)
     return out
 
 
-def _costes_all(obj: Objects, v: dict[str, torch.Tensor], names: list[str], scale_max: int) -> dict[str, torch.Tensor]:
+def measure_costes(obj: Objects, images: dict[str, torch.Tensor], scale_max: int = 65535) -> dict[str, torch.Tensor]:
     """Costes of every pair in the order the cp_measure path keeps (later channel first), as many
-    pairs per lockstep search as fit in MAX_COSTES_PIXELS."""
-    values = torch.stack([v[c] for c in names])
+    pairs per lockstep search as fit in MAX_COSTES_PIXELS; keys as :func:`measure`'s."""
+    names = list(images)
+    values = torch.stack([obj.pixels(images[c]).to(F64) for c in names])
     pairs = [(j, i) for i, j in combinations(range(len(names)), 2)]
     per_batch = max(1, MAX_COSTES_PIXELS // max(obj.seg.numel(), 1))
     out = {}
