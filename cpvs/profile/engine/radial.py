@@ -28,8 +28,9 @@ import math
 import numpy as np
 import torch
 
+from cpvs.profile.engine import texture
 from cpvs.profile.engine import zernike as zk
-from cpvs.profile.engine.objects import Objects, enclosing_circles
+from cpvs.profile.engine.objects import Objects, convex_hulls, enclosing_circles
 from cpvs.profile.engine.texture import cached_on, objects
 
 F64 = torch.float64
@@ -301,7 +302,9 @@ def _zernike_geometry(obj: Objects, degree: int) -> dict[str, torch.Tensor]:
     pixel's (object, row) run, ``first`` (R,) its first pixel; ``v`` (deg+1, R) powers of y' of
     each run; ``row_obj`` (R,) its object, ``obj_first`` (present objects,) each object's first run.
     """
-    centres, radii = enclosing_circles(obj.labels, obj.n)
+    # the hulls under a shared key: the size/shape modules need the same ones
+    hulls = cached_on(obj.labels, ("convex_hulls", obj.n), lambda: convex_hulls(obj.labels, obj.n))
+    centres, radii = enclosing_circles(obj.labels, obj.n, hulls)
     r = radii[obj.seg]
     ym = (obj.y - centres[obj.seg, 0]) / r
     xm = (obj.x - centres[obj.seg, 1]) / r
@@ -323,7 +326,7 @@ def _run_sums(x: torch.Tensor, index: torch.Tensor, starts: torch.Tensor, n: int
     """Sums of x (k, P) over consecutive runs of its columns (run of each column: index (P,), first
     columns: starts (n,), all runs non-empty): (k, n). numpy's reduceat on the CPU (several times
     faster than a scatter), index_add elsewhere."""
-    if x.device.type == "cpu":
+    if x.device.type == "cpu" and texture.NUMPY_ON_CPU:
         return torch.from_numpy(np.add.reduceat(x.numpy(), starts.numpy(), axis=1))
     return torch.zeros((x.shape[0], n), dtype=x.dtype, device=x.device).index_add_(1, index, x)
 

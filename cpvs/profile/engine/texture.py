@@ -40,6 +40,8 @@ DIRECTIONS = ((0, 1), (1, 1), (1, 0), (1, -1))
 
 
 _CACHE: dict[int, tuple[weakref.ref, int, dict]] = {}
+# Take numpy's faster CPU kernels where torch's are slow (tests turn this off to run the generic path).
+NUMPY_ON_CPU = True
 
 
 def _version(t: torch.Tensor) -> int:
@@ -61,7 +63,7 @@ def cached_on(tensor: torch.Tensor, key: Any, compute: Callable[[], Any]) -> Any
     i = id(tensor)
     entry = _CACHE.get(i)
     if entry is None or entry[0]() is not tensor or entry[1] != _version(tensor):
-        entry = (weakref.ref(tensor, lambda _, i=i: _CACHE.pop(i, None)), _version(tensor), {})
+        entry = (weakref.ref(tensor, lambda _, i=i, cache=_CACHE: cache.pop(i, None)), _version(tensor), {})
         _CACHE[i] = entry
     if key not in entry[2]:
         entry[2][key] = compute()
@@ -135,7 +137,7 @@ def _cooccurrences(a: torch.Tensor, b: torch.Tensor, group: torch.Tensor, n_grou
         counts = torch.bincount(key, minlength=size)
         uniq = counts.nonzero().squeeze(1)
         counts = counts[uniq]
-    elif key.device.type == "cpu":  # numpy's sort is several times faster than torch's on the CPU
+    elif key.device.type == "cpu" and NUMPY_ON_CPU:  # numpy's sort is several times faster than torch's
         u, c = np.unique(key.numpy(), return_counts=True)
         uniq, counts = torch.from_numpy(u).long(), torch.from_numpy(c)
     else:
