@@ -41,18 +41,6 @@ def _first_grid_step(value: torch.Tensor, below, scale: int) -> torch.Tensor:
     return c
 
 
-def _pack_sort(key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sorted non-negative int64 keys and the sorting permutation: the position rides in the low
-    bits, so a plain (vectorized) sort of values serves as an argsort."""
-    bits = max(int(key.numel()).bit_length(), 1)
-    packed = (key << bits) | torch.arange(key.numel(), device=key.device)
-    if packed.device.type == "cpu":
-        packed = torch.from_numpy(np.sort(packed.numpy()))
-    else:
-        packed = torch.sort(packed).values
-    return packed >> bits, packed & ((1 << bits) - 1)
-
-
 def _cumsum0(t: torch.Tensor) -> torch.Tensor:
     """Inclusive cumulative sum with a leading 0: (N,) -> (N + 1,)."""
     out = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
@@ -107,17 +95,30 @@ def _regression(obj: Objects, values, centred, p: int, q: int, ss, vmax, vmin, z
 
 
 class _Prefix:
-    """Pixels sorted by (group, grid step) with prefix sums of some per-pixel columns, so that the
-    sums over the pixels of every group whose step is <= m cost one binary search per group.
+    """Pixels sorted by (group, grid step) with prefix sums of their centred channel values, so
+    that the sums over the pixels of every group whose step is <= m cost one binary search per group.
 
-    key: (N,) int64 ``group * span + step + 2`` (steps -2 .. scale + 4); cols: (N,) each.
+    packed: (N,) int64 ``(group * span + step + 2) << bits | handle`` (steps -2 .. scale + 4), where
+    handle = pair * P + pixel; centred: (C, P); pf, pq: (K,) first and second channel of each pair.
+    One sort of plain integers (the handle rides along in the low bits) orders everything.
     """
 
-    def __init__(self, key: torch.Tensor, cols: list[torch.Tensor], span: int, groups: int):
-        self.key, order = _pack_sort(key)
-        self.sorted = [take(c, order) for c in cols]
-        self.cums = [_cumsum0(c) for c in self.sorted]
-        self.base = torch.arange(groups, device=key.device) * span
+    def __init__(self, packed: torch.Tensor, bits: int, centred: torch.Tensor, pf: torch.Tensor, pq: torch.Tensor,
+                 span: int, groups: int):
+        if packed.device.type == "cpu":
+            packed = torch.from_numpy(np.sort(packed.numpy()))
+        else:
+            packed = torch.sort(packed).values
+        self.key = packed >> bits
+        handle = packed & ((1 << bits) - 1)
+        P = centred.shape[1]
+        k = torch.div(handle, P, rounding_mode="floor")
+        pix = handle - k * P
+        flat = centred.reshape(-1)
+        self.x = take(flat, take(pf, k) * P + pix)
+        self.y = take(flat, take(pq, k) * P + pix)
+        self.cums = [_cumsum0(t) for t in (self.x, self.y, self.x * self.y)]
+        self.base = torch.arange(groups, device=packed.device) * span
         self.start = torch.searchsorted(self.key, self.base)
         self.top = span - 1
 
@@ -169,11 +170,11 @@ def costes(obj: Objects, values: torch.Tensor, pairs: list[tuple[int, int]], sca
     # Groups with a < 0: the "always background" pixels (e >= c_f) vary in f and in s.
     always_varies = torch.zeros((K, n), dtype=torch.bool, device=dev)
     inf = torch.full((P,), float("inf"), dtype=F64, device=dev)
+    bits = max(int(K * P).bit_length(), 1)
+    handles = torch.arange(P, device=dev)
     pos_parts, neg_parts = [], []
     for k, (p, q) in enumerate(pairs):
-        x, y = centred[p], centred[q]
-        xy = x * y
-        sxy = obj.sum(xy)
+        sxy = obj.sum(centred[p] * centred[q])
         a, b, ok = _regression(obj, values, centred, p, q, ss, vmax, vmin, zero, sxy)
         a_all[k], b_all[k], ok_all[k] = a, b, ok
         tot[:, k] = torch.stack([sums[p], sums[q], sxy])
@@ -185,10 +186,10 @@ def costes(obj: Objects, values: torch.Tensor, pairs: list[tuple[int, int]], sca
         # it, for a < 0 the first step with s no longer below it.
         c = _first_grid_step((s - pb) / pa, lambda m, i: (s[i] < pa[i] * (m / S) + pb[i]) ^ (psign[i] < 0), scale_max)
         key_base = seg_key + k * n * span
+        handle = handles + k * P
         if bool((sign > 0).any()):
-            up = psign > 0
-            parts = (key_base + stored(torch.minimum(c_first[p], c)), x, y, xy)
-            pos_parts.append(tuple(select(t, up) for t in parts))
+            key = key_base + stored(torch.minimum(c_first[p], c))
+            pos_parts.append(select((key << bits) | handle, psign > 0))
         if bool((sign < 0).any()):
             # Pixels above the line (e < c_f) are out of the background for the steps e .. c_f - 1;
             # the others always in it.
@@ -197,8 +198,8 @@ def costes(obj: Objects, values: torch.Tensor, pairs: list[tuple[int, int]], sca
             always = down & ~out
             spread = [obj.max(torch.where(always, v, -inf)) > obj.min(torch.where(always, v, inf)) for v in (values[p], s)]
             always_varies[k] = spread[0] & spread[1]
-            parts = (key_base + stored(c), key_base + cf_stored[p], x, y, xy)
-            neg_parts.append(tuple(select(t, out) for t in parts))
+            neg_parts.append((select(((key_base + stored(c)) << bits) | handle, out),
+                              select(((key_base + cf_stored[p]) << bits) | handle, out)))
 
     pos_ok = (ok_all & (a_all > 0)).reshape(-1)
     neg_ok = (ok_all & (a_all < 0)).reshape(-1)
@@ -206,17 +207,18 @@ def costes(obj: Objects, values: torch.Tensor, pairs: list[tuple[int, int]], sca
     tot = tot.reshape(3, G)
     count = obj.count.repeat(K)
     always_varies = always_varies.reshape(-1)
+    pf = torch.tensor([p for p, _ in pairs], device=dev)
+    pq = torch.tensor([q for _, q in pairs], device=dev)
     if pos_parts:
-        key, x, y, xy = (torch.cat(t) for t in zip(*pos_parts))
-        pre = _Prefix(key, [x, y, xy], span, G)
+        pre = _Prefix(torch.cat(pos_parts), bits, centred, pf, pq, span, G)
         # A prefix is constant in f while it ends before the group's first change of value
         # (centred values change exactly where the values do).
-        change_f, change_s = _first_change(pre.sorted[0], pre.start), _first_change(pre.sorted[1], pre.start)
-        pre.sorted = []
+        change_f, change_s = _first_change(pre.x, pre.start), _first_change(pre.y, pre.start)
+        pre.x = pre.y = None
     if neg_parts:
-        key_e, key_f, x, y, xy = (torch.cat(t) for t in zip(*neg_parts))
-        pre_e, pre_f = _Prefix(key_e, [x, y, xy], span, G), _Prefix(key_f, [x, y, xy], span, G)
-        pre_e.sorted = pre_f.sorted = []
+        pre_e = _Prefix(torch.cat([e for e, _ in neg_parts]), bits, centred, pf, pq, span, G)
+        pre_f = _Prefix(torch.cat([f for _, f in neg_parts]), bits, centred, pf, pq, span, G)
+        pre_e.x = pre_e.y = pre_f.x = pre_f.y = None
     del pos_parts, neg_parts
 
     def exact_constant(groups: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
@@ -227,9 +229,7 @@ def costes(obj: Objects, values: torch.Tensor, pairs: list[tuple[int, int]], sca
         owner = torch.repeat_interleave(torch.arange(len(groups), device=dev), cnt)
         pix = obj.starts[i][owner] + torch.arange(int(cnt.sum()), device=dev) - torch.repeat_interleave(
             torch.cumsum(cnt, 0) - cnt, cnt)
-        pf = torch.tensor([p for p, _ in pairs], device=dev)[kk][owner]
-        pq = torch.tensor([q for _, q in pairs], device=dev)[kk][owner]
-        f, s = values[pf, pix], values[pq, pix]
+        f, s = values[pf[kk][owner], pix], values[pq[kk][owner], pix]
         t = (m[groups] / S)[owner]
         inb = (f < t) | (s < a_all.reshape(-1)[groups][owner] * t + b_all.reshape(-1)[groups][owner])
         inf = torch.full((len(groups),), float("inf"), dtype=F64, device=dev)
