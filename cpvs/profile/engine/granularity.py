@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from cpvs.profile.engine.objects import Objects
+from cpvs.profile.engine import texture
 from cpvs.profile.engine.texture import cached_on, objects
 
 
@@ -98,17 +99,16 @@ def _erode_cross(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _sweep(r: torch.Tensor, m: torch.Tensor, dim: int) -> None:
-    """In place: 1-D reconstruction of r under m (h, w, B) along ``dim`` (0 or 1), forward then back.
+def _sweep(rs: tuple[torch.Tensor, ...], ms: tuple[torch.Tensor, ...]) -> None:
+    """In place: 1-D reconstruction along a line of slices, forward then back.
 
-    Each step is one small op on a (w or h, B) slice: ``r[j] = clamp(r[j-1], r[j], m[j])``,
-    i.e. ``min(m, max(r[j], r[j-1]))`` (valid because r <= m).
+    rs, ms: the slices of r and of the mask along the sweep's axis (``unbind``). Each step is one
+    small op: ``r[j] = clamp(r[j], r[j-1], m[j])``, i.e. ``min(m, max(r[j], r[j-1]))``.
     """
-    rs, ms = r.unbind(dim), m.unbind(dim)
-    for j in range(1, len(rs)):
-        torch.clamp(rs[j - 1], min=rs[j], max=ms[j], out=rs[j])
-    for j in range(len(rs) - 2, -1, -1):
-        torch.clamp(rs[j + 1], min=rs[j], max=ms[j], out=rs[j])
+    for prev, cur, m in zip(rs[:-1], rs[1:], ms[1:]):
+        cur.clamp_(prev, m)
+    for prev, cur, m in zip(rs[:0:-1], rs[-2::-1], ms[-2::-1]):
+        cur.clamp_(prev, m)
 
 
 def _dilate_cross(x: torch.Tensor) -> torch.Tensor:
@@ -152,12 +152,15 @@ def _reconstruct_dilations(seeds: torch.Tensor, mask: torch.Tensor, check_every:
 def _reconstruct_sweeps(seeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     # (h, w, B): the batch is innermost, so slices along either axis are runs of B contiguous values.
     r = seeds.permute(1, 2, 0).contiguous()
-    m = mask[:, :, None].expand_as(r).contiguous()
+    m = mask[:, :, None].expand_as(r)  # a broadcast view: the mask is read once per slice, not B times
+    lines = [(r.unbind(d), m.unbind(d)) for d in (1, 0)]  # views, made once: r is updated in place
+    # Values only rise (r <= m throughout), so an unchanged total means nothing changed.
+    total = r.sum(dtype=torch.float64 if r.is_floating_point() else torch.int64)
     while True:
-        before = r.clone()
-        _sweep(r, m, 1)
-        _sweep(r, m, 0)
-        if torch.equal(r, before):
+        for rs, ms in lines:
+            _sweep(rs, ms)
+        before, total = total, r.sum(dtype=total.dtype)
+        if torch.equal(total, before):
             return r.permute(2, 0, 1)
 
 
@@ -190,18 +193,33 @@ def spectrum(image: torch.Tensor, subsample_size: float = 0.25, image_sample_siz
         cols = torch.arange(w, dtype=torch.float64, device=dev) * ((bw - 1) / (w - 1))
         back = _resample(back, rows, cols)
     pixels = (pixels - back).clamp(min=0)
-    seeds = [pixels]
+    # Erosion and reconstruction only compare values: on the grey levels' ranks (int32) they give
+    # the ranks of the float results, at half the memory traffic of float64.
+    ranks, values = _dense_ranks(pixels)
+    seeds = [ranks]
     for _ in range(granular_spectrum_length):
         seeds.append(_erode_cross(seeds[-1]))
-    return torch.cat([pixels[None], reconstruct(torch.stack(seeds[1:]), pixels)])
+    rec = reconstruct(torch.stack(seeds[1:]), ranks)
+    return torch.cat([pixels[None], values[rec.long()]])
+
+
+def _dense_ranks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int32 ranks of x's values, same shape; the sorted distinct values): ``values[ranks] == x``."""
+    if x.device.type == "cpu" and texture.NUMPY_ON_CPU:
+        values, ranks = np.unique(x.numpy(), return_inverse=True)
+        return torch.from_numpy(ranks.reshape(x.shape).astype(np.int32)), torch.from_numpy(values)
+    values, ranks = torch.unique(x, sorted=True, return_inverse=True)
+    return ranks.to(torch.int32), values
 
 
 def _restore_means(obj: Objects, small: tuple[int, int]) -> dict[str, torch.Tensor]:
     """Per-object means of a (h, w) image restored bilinearly to the field, as a linear map.
 
-    Returns ``index`` (n, hc, wc) flat indices into the small image of each object's crop
-    and ``weight`` (n, hc, wc) the summed interpolation weights of its pixels divided by
-    its pixel count: ``(small.flatten()[index] * weight).sum((1, 2))`` is the mean.
+    Returns, for every small-image pixel that some object's pixels interpolate from (built
+    on one (hc, wc) crop per object, then compressed): ``index`` (K,) its flat index in the
+    small image, ``object`` (K,) the object and ``weight`` (K,) the summed interpolation weights
+    of the object's pixels over its pixel count: the mean is the sum of ``small[index] * weight``
+    over the object.
     """
     (H, W), (h, w) = obj.labels.shape, small
     dev = obj.device
@@ -223,7 +241,9 @@ def _restore_means(obj: Objects, small: tuple[int, int]) -> dict[str, torch.Tens
     weight = weight.view(obj.n, hc, wc) / obj.count[:, None, None]
     rows = (top[:, None] + torch.arange(hc, device=dev)).clamp(max=h - 1)
     cols = (left[:, None] + torch.arange(wc, device=dev)).clamp(max=w - 1)
-    return {"index": rows[:, :, None] * w + cols[:, None, :], "weight": weight}
+    index = rows[:, :, None] * w + cols[:, None, :]
+    used = (weight != 0).nonzero(as_tuple=True)  # NaN (an object without pixels) stays, to give NaN
+    return {"index": index[used], "object": used[0], "weight": weight[used]}
 
 
 def measure(labels: torch.Tensor, image: torch.Tensor, n: int, subsample_size: float = 0.25, image_sample_size: float = 0.25,
@@ -241,7 +261,8 @@ def measure(labels: torch.Tensor, image: torch.Tensor, n: int, subsample_size: f
     series = cached_on(image, ("granularity", options), lambda: spectrum(image, *options))
     obj = objects(labels, n)
     restore = cached_on(labels, ("granularity", n, tuple(small)), lambda: _restore_means(obj, tuple(int(s) for s in small)))
-    means = (series[1:].reshape(len(series) - 1, -1)[:, restore["index"]] * restore["weight"]).sum((-1, -2))  # (length, n)
+    values = torch.index_select(series[1:].reshape(len(series) - 1, -1), 1, restore["index"]) * restore["weight"]
+    means = torch.zeros((len(series) - 1, n), dtype=torch.float64, device=values.device).index_add_(1, restore["object"], values)
     start = obj.mean(obj.pixels(image).to(torch.float64))
     means = torch.cat([start[None], means])
     gss = (means[:-1] - means[1:]) * 100 / start.clamp(min=np.finfo(float).eps)
