@@ -149,19 +149,49 @@ def _reconstruct_dilations(seeds: torch.Tensor, mask: torch.Tensor, check_every:
             return r
 
 
-def _reconstruct_sweeps(seeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def _reconstruct_sweeps(seeds: torch.Tensor, mask: torch.Tensor, tail: float = 0.01) -> torch.Tensor:
+    """Sweeps while they change many pixels; the last few changes, on long winding paths that would
+    take many more rounds, are carried by :func:`_relax_front` from the pixels the last round changed."""
     # (h, w, B): the batch is innermost, so slices along either axis are runs of B contiguous values.
     r = seeds.permute(1, 2, 0).contiguous()
     m = mask[:, :, None].expand_as(r)  # a broadcast view: the mask is read once per slice, not B times
     lines = [(r.unbind(d), m.unbind(d)) for d in (1, 0)]  # views, made once: r is updated in place
-    # Values only rise (r <= m throughout), so an unchanged total means nothing changed.
-    total = r.sum(dtype=torch.float64 if r.is_floating_point() else torch.int64)
+    before = torch.empty_like(r)
     while True:
+        before.copy_(r)
         for rs, ms in lines:
             _sweep(rs, ms)
-        before, total = total, r.sum(dtype=total.dtype)
-        if torch.equal(total, before):
-            return r.permute(2, 0, 1)
+        changed = (r != before).view(-1).nonzero().squeeze(1)
+        if changed.numel() <= tail * r.numel():
+            break
+    if changed.numel():
+        _relax_front(r.view(-1), mask, r.shape, changed)
+    return r.permute(2, 0, 1)
+
+
+def _relax_front(r: torch.Tensor, mask: torch.Tensor, shape: tuple[int, int, int], front: torch.Tensor) -> None:
+    """In place: geodesic dilation of r (h*w*B flat, (h, w, B) layout) under mask (h, w), restricted to
+    the neighbours of the pixels that changed last (``front``), until nothing changes.
+
+    A pixel that did not change in the last full round passed its value on in all four directions
+    then, so only the changed ones can still raise a neighbour.
+    """
+    h, w, b = shape
+    m = mask.reshape(-1)
+    steps = torch.tensor([b, -b, w * b, -w * b], device=r.device)[:, None]
+    owner = torch.full_like(r, -1, dtype=torch.long)
+    while front.numel():
+        x = (front // b) % w
+        q = front + steps  # (4, F): right, left, down, up
+        ok = torch.stack([x < w - 1, x > 0, q[2] < r.numel(), q[3] >= 0])
+        src = r[front].expand_as(q)[ok]
+        q = q[ok]
+        cand = torch.minimum(m[q // b], src)
+        better = cand > r[q]
+        q, cand = q[better], cand[better]
+        r.scatter_reduce_(0, q, cand, "amax")
+        owner[q] = torch.arange(q.numel(), device=r.device)  # one entry per raised pixel
+        front = q[owner[q] == torch.arange(q.numel(), device=r.device)]
 
 
 def spectrum(image: torch.Tensor, subsample_size: float = 0.25, image_sample_size: float = 0.25, element_size: int = 10,
