@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from cpvs.profile.engine.objects import F64, Objects
+from cpvs.profile.engine.objects import F64, Objects, take
 
 _OFFSETS8 = [(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)]
 
@@ -43,18 +43,20 @@ def measure(obj: Objects) -> dict[str, torch.Tensor]:
     pairs = torch.unique(torch.cat([a * (n + 1) + b, b * (n + 1) + a]))
     count = torch.bincount(torch.div(pairs, n + 1, rounding_mode="floor") - 1, minlength=n).to(F64)
 
-    # Outline and touching pixels from the 8 neighbours (outside the field: another "label" -1).
-    padded = torch.nn.functional.pad(lab, (1, 1, 1, 1), value=-1)
-    differs = torch.zeros((H, W), dtype=torch.bool, device=dev)
-    other_object = torch.zeros((H, W), dtype=torch.bool, device=dev)
+    # Outline and touching pixels from the 8 neighbours of each object pixel (outside the field:
+    # another "label", -1), gathered from the padded field.
+    padded = torch.nn.functional.pad(lab, (1, 1, 1, 1), value=-1).reshape(-1)
+    W2 = W + 2
+    at = (obj.y.to(torch.int64) + 1) * W2 + obj.x.to(torch.int64) + 1
+    own = obj.seg + 1
+    differs = torch.zeros_like(at, dtype=torch.bool)
+    other_object = torch.zeros_like(differs)
     for dy, dx in _OFFSETS8:
-        nb = padded[1 + dy:1 + dy + H, 1 + dx:1 + dx + W]
-        ne = nb != lab
+        nb = take(padded, at + (dy * W2 + dx))
+        ne = nb != own
         differs |= ne
         other_object |= ne & (nb > 0)
-    outline = differs.reshape(-1)[obj.flat].to(F64)
-    touching = (differs & other_object).reshape(-1)[obj.flat].to(F64)
-    percent = obj.sum(touching) * 100 / obj.sum(outline)
+    percent = obj.sum((differs & other_object).to(F64)) * 100 / obj.sum(differs.to(F64))
 
     # Nearest other objects by centre distance (the object itself is the nearest, at 0).
     cy, cx = obj.mean(obj.y), obj.mean(obj.x)

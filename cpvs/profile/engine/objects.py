@@ -16,6 +16,7 @@ float64 throughout.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -73,27 +74,36 @@ class Objects:
     def device(self) -> torch.device:
         return self.labels.device
 
-    @property
+    @cached_property
     def present(self) -> torch.Tensor:
         """(n,) bool: the label has pixels."""
         return self.count > 0
 
-    @property
+    @cached_property
     def starts(self) -> torch.Tensor:
         """(n,) int64 offset of each object's first pixel (pixels of object i: ``starts[i]:starts[i] + count[i]``)."""
         c = self.count.to(torch.int64)
         return torch.cumsum(c, 0) - c
+
+    @cached_property
+    def _runs(self) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+        """(present mask, numpy starts of the present objects' runs, numpy counts of all objects)."""
+        has = self.present
+        return has, self.starts[has].cpu().numpy(), self.count.to(torch.int64).cpu().numpy()
 
     # Segment reductions: (..., P) per-pixel values -> (..., n) per-object values. On CPU the runs
     # are reduced with numpy's ``reduceat`` (several times faster than a scatter); elsewhere with
     # torch's scatter kernels.
     def _reduceat(self, v: torch.Tensor, ufunc, empty: float) -> torch.Tensor:
         empty = empty if v.dtype.is_floating_point else 0
+        has, starts, _ = self._runs
+        if not v.shape[-1]:
+            return torch.full((*v.shape[:-1], self.n), empty, dtype=v.dtype)
+        red = torch.from_numpy(ufunc.reduceat(v.numpy(), starts, axis=-1))
+        if len(starts) == self.n:  # every label present: the usual case
+            return red
         out = torch.full((*v.shape[:-1], self.n), empty, dtype=v.dtype)
-        has = self.present
-        if v.shape[-1]:
-            starts = self.starts[has].numpy()
-            out[..., has] = torch.from_numpy(ufunc.reduceat(v.numpy(), starts, axis=-1))
+        out[..., has] = red
         return out
 
     def _scatter(self, v: torch.Tensor, reduce: str, empty: float) -> torch.Tensor:
@@ -125,7 +135,7 @@ class Objects:
     def expand(self, a: torch.Tensor) -> torch.Tensor:
         """(..., n) per-object values -> (..., P) the value of each pixel's object (``a[..., seg]``)."""
         if a.device.type == "cpu":
-            return torch.from_numpy(np.repeat(a.numpy(), self.count.to(torch.int64).numpy(), axis=-1))
+            return torch.from_numpy(np.repeat(a.numpy(), self._runs[2], axis=-1))
         return a[..., self.seg]
 
     def pixels(self, image: torch.Tensor) -> torch.Tensor:
