@@ -69,6 +69,17 @@ def _timed(timings: dict[str, float] | None, name: str, device: torch.device):
     timings[name] = timings.get(name, 0.0) + time.perf_counter() - t
 
 
+def _hulls(labels: torch.Tensor, n: int):
+    """Convex hulls of one label image, shared with the radial Zernikes (which cache them)."""
+    from cpvs.profile.engine.objects import convex_hulls
+
+    if available("texture"):
+        from cpvs.profile.engine.texture import cached_on
+
+        return cached_on(labels, ("convex_hulls", n), lambda: convex_hulls(labels, n))
+    return convex_hulls(labels, n)
+
+
 def _numpy(v) -> np.ndarray:
     if isinstance(v, torch.Tensor):
         v = v.detach().to("cpu").numpy()
@@ -89,8 +100,6 @@ def measure_field(images: dict[str, np.ndarray], masks: Masks, channels: list[st
     timings: if given, seconds per module are added to it (``{"intensity": 0.21, ...}``).
     """
     from cpvs.profile.engine import correlation, feret, intensity, neighbors, sizeshape, zernike
-    from cpvs.profile.engine.objects import convex_hulls
-
     skip = check_skip(skip)
     n = masks.n
     if n == 0:
@@ -111,7 +120,7 @@ def measure_field(images: dict[str, np.ndarray], masks: Masks, channels: list[st
         if obj.seg.numel():
             if on("sizeshape") or on("zernike") or on("feret"):
                 with _timed(timings, "hulls", dev):
-                    hulls = convex_hulls(labels, n)
+                    hulls = _hulls(labels, n)
                 for name, module in (("sizeshape", sizeshape), ("zernike", zernike), ("feret", feret)):
                     if on(name):
                         with _timed(timings, name, dev):

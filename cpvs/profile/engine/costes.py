@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from cpvs.profile.engine.objects import F64, Objects, select, take
+from cpvs.profile.engine.objects import F64, Objects, numpy_path, select, take
 
 EPS = float(np.finfo(float).eps)
 
@@ -45,7 +45,7 @@ def _cumsum0(t: torch.Tensor) -> torch.Tensor:
     """Inclusive cumulative sum with a leading 0: (N,) -> (N + 1,)."""
     out = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
     out[0] = 0
-    if t.device.type == "cpu":  # numpy's cumsum is faster here
+    if numpy_path(t):  # numpy's cumsum is faster here
         np.cumsum(t.numpy(), out=out[1:].numpy())
     else:
         torch.cumsum(t, 0, out=out[1:])
@@ -105,7 +105,7 @@ class _Prefix:
 
     def __init__(self, packed: torch.Tensor, bits: int, centred: torch.Tensor, pf: torch.Tensor, pq: torch.Tensor,
                  span: int, groups: int):
-        if packed.device.type == "cpu":
+        if numpy_path(packed):
             packed = torch.from_numpy(np.sort(packed.numpy()))
         else:
             packed = torch.sort(packed).values
