@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from cpvs.device import resolve_device
 from cpvs.errors import CpvsError
 from cpvs.profile.features import COMPARTMENTS, LONE_OBJECT, check_skip, cellprofiler_name
 from cpvs.profile.segment import Masks
@@ -96,17 +97,19 @@ def measure_field(images: dict[str, np.ndarray], masks: Masks, channels: list[st
     """One row per object (``ObjectNumber`` 1..N) with every measurement of every compartment and channel.
 
     images: {channel: (H, W) float in [0, 1]}; masks: nuclei/cells/cytoplasm sharing labels 1..N;
-    device: a torch device (``cpu``, ``cuda``, ``cuda:1``). Same columns as the cp_measure path.
+    device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (a GPU when there is one). Same columns as the
+    cp_measure path.
     timings: if given, seconds per module are added to it (``{"intensity": 0.21, ...}``).
     """
     from cpvs.profile.engine import correlation, feret, intensity, neighbors, sizeshape, zernike
+
     skip = check_skip(skip)
     n = masks.n
     if n == 0:
         return pd.DataFrame({"ObjectNumber": pd.Series([], dtype=np.int64)})
     on = lambda m: m not in skip  # noqa: E731
     texture, granularity, radial = (_module(m, skip) for m in ("texture", "granularity", "radial"))
-    dev = torch.device(device)
+    dev = resolve_device(device)
     imgs = {c: torch.as_tensor(np.asarray(images[c], dtype=np.float64), device=dev) for c in channels}
     corr = on("correlation") and len(channels) > 1
     labels_of = {"Nuclei": masks.nuclei, "Cells": masks.cells, "Cytoplasm": masks.cytoplasm}

@@ -83,7 +83,7 @@ def measure_costes(obj: Objects, images: dict[str, torch.Tensor], scale_max: int
     names = list(images)
     values = torch.stack([obj.pixels(images[c]).to(F64) for c in names])
     pairs = [(j, i) for i, j in combinations(range(len(names)), 2)]
-    per_batch = max(1, MAX_COSTES_PIXELS // max(obj.seg.numel(), 1))
+    per_batch = min(64, max(1, MAX_COSTES_PIXELS // max(obj.seg.numel(), 1)))
     out = {}
     for start in range(0, len(pairs), per_batch):
         batch = pairs[start:start + per_batch]

@@ -22,17 +22,18 @@ import torch
 from cpvs.profile.engine.objects import F64, Objects, numpy_path, select, take
 
 EPS = float(np.finfo(float).eps)
+PAIR_BITS = 6  # pairs per lockstep batch: up to 64
 
 
-def _first_grid_step(value: torch.Tensor, below, scale: int) -> torch.Tensor:
-    """Smallest integer m with ``below(m)`` true (below monotone in m), as float64 in [-2, scale + 4].
-
-    ``value * scale`` estimates the crossing; only estimates within 1e-6 of an integer can be off
-    by one, and only those pixels are checked with the exact test.
+def _first_grid_step(q: torch.Tensor, below) -> torch.Tensor:
+    """Smallest integer m with ``below(m)`` true (below monotone in m), as float64, given ``q`` (P,)
+    the crossing in grid steps: floor(q) + 1, except that estimates within 1e-6 of an integer can be
+    off by one, so only those pixels are settled with the exact test. Callers clamp the result.
     """
-    q = value * scale
-    c = torch.floor(q).clamp_(-3, scale + 3).add_(1)
-    near = torch.nonzero(((q - torch.round(q)).abs_() < 1e-6) & (q > -3) & (q < scale + 3)).squeeze(1)
+    c = torch.floor(q)
+    frac = q - c
+    c += 1
+    near = torch.nonzero((frac < 1e-6) | (frac > 1 - 1e-6)).squeeze(1)
     if near.numel():
         cn = c[near]
         cn = torch.where(below(cn, near), cn, cn + 1)
@@ -60,7 +61,7 @@ def _first_change(v: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
     return changes[torch.searchsorted(changes, starts + 1).clamp(max=changes.numel() - 1)]
 
 
-def _regression(obj: Objects, values, centred, p: int, q: int, ss, vmax, vmin, zero, sxy):
+def _regression(obj: Objects, values, centred, p: int, q: int, ss, vmax, vmin, zero, sxy, means):
     """cp_measure's orthogonal regression of channel q on channel p over the pixels where either is
     nonzero: slope a, intercept b and whether the object can be measured, (n,) each."""
     n, seg = obj.n, obj.seg
@@ -82,7 +83,7 @@ def _regression(obj: Objects, values, centred, p: int, q: int, ss, vmax, vmin, z
             (-inf).scatter_reduce(0, sub_seg, sz, "amax") > inf.scatter_reduce(0, sub_seg, sz, "amin"))
     else:
         cz = obj.count
-        xm, ym = obj.mean(f), obj.mean(s)
+        xm, ym = means[p], means[q]
         sxx, syy = ss[p], ss[q]
         ptp = (vmax[p] > vmin[p]) & (vmax[q] > vmin[q])
     xvar, yvar, covar = sxx / (cz - 1), syy / (cz - 1), sxy / (cz - 1)
@@ -99,7 +100,8 @@ class _Prefix:
     that the sums over the pixels of every group whose step is <= m cost one binary search per group.
 
     packed: (N,) int64 ``(group * span + step + 2) << bits | handle`` (steps -2 .. scale + 4), where
-    handle = pair * P + pixel; centred: (C, P); pf, pq: (K,) first and second channel of each pair.
+    handle = pair << (bits - PAIR_BITS) | pixel; centred: (C, P); pf, pq: (K,) first and second
+    channel of each pair.
     One sort of plain integers (the handle rides along in the low bits) orders everything.
     """
 
@@ -110,13 +112,13 @@ class _Prefix:
         else:
             packed = torch.sort(packed).values
         self.key = packed >> bits
-        handle = packed & ((1 << bits) - 1)
+        pbits = bits - PAIR_BITS
+        k = (packed >> pbits) & ((1 << PAIR_BITS) - 1)
+        pix = packed & ((1 << pbits) - 1)
         P = centred.shape[1]
-        k = torch.div(handle, P, rounding_mode="floor")
-        pix = handle - k * P
         flat = centred.reshape(-1)
-        self.x = take(flat, take(pf, k) * P + pix)
-        self.y = take(flat, take(pq, k) * P + pix)
+        self.x = take(flat, take(pf * P, k) + pix)
+        self.y = take(flat, take(pq * P, k) + pix)
         self.cums = [_cumsum0(t) for t in (self.x, self.y, self.x * self.y)]
         self.base = torch.arange(groups, device=packed.device) * span
         self.start = torch.searchsorted(self.key, self.base)
@@ -131,11 +133,12 @@ class _Prefix:
 
 
 def costes(obj: Objects, values: torch.Tensor, pairs: list[tuple[int, int]], scale_max: int = 65535,
-           ) -> tuple[torch.Tensor, torch.Tensor]:
+           cov: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Costes_1 and Costes_2, (len(pairs), n) each, of channel pairs (p, q) of ``values``.
 
     values: (C, P) channels at the objects' pixels, in [0, 1]. For a pair (p, q) the first channel
     is p: Costes_1 is the fraction of p's intensity above both thresholds, Costes_2 that of q.
+    cov: (len(pairs), n) sums of the products of the centred channels, when the caller has them.
 
     With t = m / scale_max, the background at step m is B(m) = {f < t} | {s < a t + b}. For a > 0
     it is the set of pixels whose first background step min(c_f, c_s) is <= m: a prefix. For
@@ -155,14 +158,16 @@ def costes(obj: Objects, values: torch.Tensor, pairs: list[tuple[int, int]], sca
     zero = values == 0
     span = scale_max + 7
 
-    def stored(step):
-        return step.clamp(-2, scale_max + 4).to(torch.int64) + 2
-
-    c_first = {c: _first_grid_step(values[c], lambda m, i, f=values[c]: f[i] < m / S, scale_max)
-               for c in sorted({p for p, _ in pairs})}
-    cf_stored = {c: stored(v) for c, v in c_first.items()}
-    seg_key = seg * span
+    c_first = {c: _first_grid_step(values[c] * S, lambda m, i, f=values[c]: f[i] < m / S) for c in sorted({p for p, _ in pairs})}
+    # Keys shifted into place in float64 (exact below 2**53), added to a per-pixel base.
+    bits = max(int(P).bit_length(), 1) + PAIR_BITS
+    if K > 2**PAIR_BITS or (G * span).bit_length() + bits > 62:
+        raise ValueError(f"{K} channel pairs of {n} objects x {P} pixels do not fit one Costes batch; pass fewer pairs")
+    scale_bits = float(2 ** bits)
+    cf_shifted = {c: (v.clamp(-2, scale_max + 4) + 2) * scale_bits for c, v in c_first.items()}
+    base = ((seg * span) << bits) | torch.arange(P, device=dev)
     sums = obj.sum(centred)  # (C, n): zero up to rounding
+    means = obj.mean(values)
     a_all = torch.empty((K, n), dtype=F64, device=dev)
     b_all = torch.empty((K, n), dtype=F64, device=dev)
     ok_all = torch.empty((K, n), dtype=torch.bool, device=dev)
@@ -170,12 +175,10 @@ def costes(obj: Objects, values: torch.Tensor, pairs: list[tuple[int, int]], sca
     # Groups with a < 0: the "always background" pixels (e >= c_f) vary in f and in s.
     always_varies = torch.zeros((K, n), dtype=torch.bool, device=dev)
     inf = torch.full((P,), float("inf"), dtype=F64, device=dev)
-    bits = max(int(K * P).bit_length(), 1)
-    handles = torch.arange(P, device=dev)
     pos_parts, neg_parts = [], []
     for k, (p, q) in enumerate(pairs):
-        sxy = obj.sum(centred[p] * centred[q])
-        a, b, ok = _regression(obj, values, centred, p, q, ss, vmax, vmin, zero, sxy)
+        sxy = cov[k] if cov is not None else obj.sum(centred[p] * centred[q])
+        a, b, ok = _regression(obj, values, centred, p, q, ss, vmax, vmin, zero, sxy, means)
         a_all[k], b_all[k], ok_all[k] = a, b, ok
         tot[:, k] = torch.stack([sums[p], sums[q], sxy])
         sign = torch.where(ok, torch.sign(a), torch.zeros_like(a))
@@ -184,22 +187,22 @@ def costes(obj: Objects, values: torch.Tensor, pairs: list[tuple[int, int]], sca
         s, pa, pb, psign = values[q], obj.expand(a), obj.expand(b), obj.expand(sign)
         # The step at which s crosses the line s = a t + b: for a > 0 the first step with s below
         # it, for a < 0 the first step with s no longer below it.
-        c = _first_grid_step((s - pb) / pa, lambda m, i: (s[i] < pa[i] * (m / S) + pb[i]) ^ (psign[i] < 0), scale_max)
-        key_base = seg_key + k * n * span
-        handle = handles + k * P
+        c = _first_grid_step((s - pb) * obj.expand(S / a),
+                             lambda m, i: (s[i] < pa[i] * (m / S) + pb[i]) ^ (psign[i] < 0))
+        c = (c.clamp_(-2, scale_max + 4) + 2) * scale_bits
+        base_k = base + ((k * n * span) << bits) + (k << (bits - PAIR_BITS))
         if bool((sign > 0).any()):
-            key = key_base + stored(torch.minimum(c_first[p], c))
-            pos_parts.append(select((key << bits) | handle, psign > 0))
+            key = base_k + torch.minimum(cf_shifted[p], c).to(torch.int64)
+            pos_parts.append(select(key, psign > 0))
         if bool((sign < 0).any()):
             # Pixels above the line (e < c_f) are out of the background for the steps e .. c_f - 1;
             # the others always in it.
             down = psign < 0
-            out = down & (c < c_first[p])
+            out = down & (c < cf_shifted[p])
             always = down & ~out
             spread = [obj.max(torch.where(always, v, -inf)) > obj.min(torch.where(always, v, inf)) for v in (values[p], s)]
             always_varies[k] = spread[0] & spread[1]
-            neg_parts.append((select(((key_base + stored(c)) << bits) | handle, out),
-                              select(((key_base + cf_stored[p]) << bits) | handle, out)))
+            neg_parts.append((select(base_k + c.to(torch.int64), out), select(base_k + cf_shifted[p].to(torch.int64), out)))
 
     pos_ok = (ok_all & (a_all > 0)).reshape(-1)
     neg_ok = (ok_all & (a_all < 0)).reshape(-1)
