@@ -141,6 +141,31 @@ class Objects:
             return self._reduceat(v, np.minimum, float("nan"))
         return self._scatter(v, "amin", float("nan"))
 
+    @cached_property
+    def rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Row runs: an object's pixels in one row are consecutive. Returns starts (R,) of the runs,
+        the run of each pixel (P,), and each run's object (R,) and row (R,)."""
+        P = self.seg.numel()
+        new = torch.ones(P, dtype=torch.bool, device=self.device)
+        if P > 1:
+            new[1:] = (self.y[1:] != self.y[:-1]) | (self.seg[1:] != self.seg[:-1])
+        starts = torch.nonzero(new).squeeze(1)
+        return starts, torch.cumsum(new, 0) - 1, self.seg[starts], self.y[starts]
+
+    def row_sum(self, v: torch.Tensor) -> torch.Tensor:
+        """(..., P) -> (..., R) sums over each row run (see :attr:`rows`)."""
+        starts, run, _, _ = self.rows
+        if numpy_path(v):
+            return torch.from_numpy(np.add.reduceat(v.numpy(), starts.numpy(), axis=-1)) if v.shape[-1] else v
+        out = torch.zeros((*v.shape[:-1], starts.numel()), dtype=v.dtype, device=v.device)
+        return out.index_add_(-1, run, v)
+
+    def run_sum(self, r: torch.Tensor) -> torch.Tensor:
+        """(..., R) per-run values -> (..., n) per-object sums (runs of an object are consecutive)."""
+        _, _, run_seg, _ = self.rows
+        out = torch.zeros((*r.shape[:-1], self.n), dtype=r.dtype, device=r.device)
+        return out.index_add_(-1, run_seg, r)
+
     def expand(self, a: torch.Tensor) -> torch.Tensor:
         """(..., n) per-object values -> (..., P) the value of each pixel's object (``a[..., seg]``)."""
         if numpy_path(a):

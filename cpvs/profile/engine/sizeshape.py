@@ -167,24 +167,23 @@ def _powers(t: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.ones_like(t), t, t2, t2 * t], -1)
 
 
-def _moment_sums(obj: Objects, dy: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
-    """(n, 4, 4) sums of dy^p dx^q over each object's pixels."""
-    py, px = _powers(dy), _powers(dx)
-    out = torch.empty((obj.n, 4, 4), dtype=F64, device=obj.device)
-    for p in range(4):
-        for q in range(4):
-            out[:, p, q] = obj.sum(py[:, p] * px[:, q])
-    return out
+def _moment_sums(obj: Objects, dy_run: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
+    """(n, 4, 4) sums of dy^p dx^q over each object's pixels, dy given per row run (R,) (it is
+    constant along a run), dx per pixel (P,): powers of dx are summed along runs first."""
+    px = obj.row_sum(_powers(dx).T.contiguous())  # (4, R)
+    py = _powers(dy_run).T  # (4, R)
+    return obj.run_sum((py[:, None, :] * px[None, :, :]).reshape(16, -1)).T.reshape(-1, 4, 4)
 
 
 def moments(obj: Objects) -> dict[str, torch.Tensor]:
     """Spatial, central, normalized and Hu moments, the inertia tensor and the moment ellipse."""
-    ly = obj.y - obj.expand(obj.bbox[:, 0].to(F64))
+    _, _, run_seg, run_y = obj.rows
+    ly = run_y - obj.bbox[:, 0].to(F64)[run_seg]
     lx = obj.x - obj.expand(obj.bbox[:, 1].to(F64))
     raw = _moment_sums(obj, ly, lx)
     cy = raw[:, 1, 0] / raw[:, 0, 0]
     cx = raw[:, 0, 1] / raw[:, 0, 0]
-    central = _moment_sums(obj, ly - obj.expand(cy), lx - obj.expand(cx))
+    central = _moment_sums(obj, ly - cy[run_seg], lx - obj.expand(cx))
     mu00 = central[:, 0, 0]
     normalized = torch.full_like(central, float("nan"))
     for p in range(4):
