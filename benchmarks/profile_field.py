@@ -78,7 +78,7 @@ def dense_child(size: int, skip: tuple[str, ...]) -> None:
     from cpvs.simulate.render import plate_optics, render_field
 
     torch.set_num_threads(1)
-    raw, _, _ = render_field(np.random.default_rng(0), (size, size), {"count": 1.0, "size": -0.5}, 1.0,
+    raw, _, _ = render_field(np.random.default_rng(0), (size, size), {"count": 1.4, "size": -0.5}, 1.0,
                              plate_optics(np.random.default_rng(0), 0))
     images = {c: raw[c].astype(np.float64) / 65535 for c in CHANNELS}
     del raw
