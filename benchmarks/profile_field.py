@@ -7,7 +7,7 @@ per-field path; then fields per hour of `cpvs profile` with --workers.
     python benchmarks/profile_field.py --field pediatric    # the real pediatric field (1080², 30 cells)
     python benchmarks/profile_field.py --skip costes        # what a --skip costs or saves
     python benchmarks/profile_field.py --no-reference       # without the (slow) cp_measure run
-    python benchmarks/profile_field.py --dense              # ~2,000 objects: engine time and peak memory
+    python benchmarks/profile_field.py --dense              # ~2,000 objects (2,600²): engine time and peak memory
 """
 
 from __future__ import annotations
@@ -17,6 +17,9 @@ import os
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # cp_measure's numpy on one core; torch sets its own threads
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
+# Idle OpenMP threads sleep instead of spinning: with spinning, several torch threads on a busy
+# machine run the engine several times slower than one thread.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -70,23 +73,30 @@ def engine_run(images, masks, skip, device="cpu", threads=1):
     return df, wall, cpu, timings
 
 
-def dense_child(size: int, skip: tuple[str, ...]) -> None:
-    """In a fresh process: a dense simulated field through segmentation and the engine; prints JSON."""
-    import torch
-
+def dense_render(size: int, path: Path) -> None:
+    """In a fresh process: a dense simulated field and its masks, saved to ``path`` (npz)."""
     from cpvs.profile.segment import SegmentParams, segment_field
     from cpvs.simulate.render import plate_optics, render_field
 
-    torch.set_num_threads(1)
     raw, _, _ = render_field(np.random.default_rng(0), (size, size), {"count": 1.4, "size": -0.5}, 1.0,
                              plate_optics(np.random.default_rng(0), 0))
     images = {c: raw[c].astype(np.float64) / 65535 for c in CHANNELS}
-    del raw
     masks, t_seg, _ = clock(lambda: segment_field(images, SegmentParams(keep_border=True)))
+    np.savez(path, nuclei=masks.nuclei, cells=masks.cells, t_seg=t_seg, **{c: raw[c] for c in CHANNELS})
+
+
+def dense_measure(path: Path, skip: tuple[str, ...]) -> None:
+    """In a fresh process: read the dense field and its masks, measure; prints JSON (peak memory of
+    this process: the field, its masks and the engine)."""
+    from cpvs.profile.segment import pair_objects
+
+    data = np.load(path)
+    images = {c: data[c].astype(np.float64) / 65535 for c in CHANNELS}
+    masks = pair_objects(data["nuclei"], data["cells"])
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     df, wall, cpu, timings = engine_run(images, masks, skip)
-    print(json.dumps({"objects": masks.n, "columns": df.shape[1], "segmentation_s": t_seg, "engine_s": wall, "engine_cpu_s": cpu,
-                      "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+    print(json.dumps({"objects": masks.n, "columns": df.shape[1], "segmentation_s": float(data["t_seg"]), "engine_s": wall,
+                      "engine_cpu_s": cpu, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
                       "rss_before_engine_gib": rss_before, "timings": timings}))
 
 
@@ -98,24 +108,32 @@ def main() -> None:
     ap.add_argument("--fields", type=int, default=4, help="fields for the fields-per-hour runs (0: none)")
     ap.add_argument("--dense", action="store_true", help="a dense ~2,000-object field: engine time and peak RSS")
     ap.add_argument("--dense-size", type=int, default=2600)
-    ap.add_argument("--dense-child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--dense-render", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--dense-measure", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     skip = tuple(s for s in args.skip.split(",") if s)
     warnings.simplefilter("ignore")
-    if args.dense_child:
-        return dense_child(args.dense_size, skip)
+    if args.dense_render:
+        return dense_render(args.dense_size, args.dense_render)
+    if args.dense_measure:
+        return dense_measure(args.dense_measure, skip)
     import torch
 
     cores = os.cpu_count() or 1
     print(f"machine: {cores} CPU cores, torch {torch.__version__}, CUDA: {torch.cuda.is_available()}; "
           f"skipped modules: {', '.join(skip) or 'none'}")
     if args.dense:
-        out = subprocess.run([sys.executable, __file__, "--dense-child", "--dense-size", str(args.dense_size), "--skip", args.skip],
-                             capture_output=True, text=True, check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        with tempfile.TemporaryDirectory() as tmp:
+            field = Path(tmp) / "dense.npz"
+            env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+            subprocess.run([sys.executable, __file__, "--dense-render", str(field), "--dense-size", str(args.dense_size)],
+                           check=True, env=env)
+            out = subprocess.run([sys.executable, __file__, "--dense-measure", str(field), "--skip", args.skip],
+                                 capture_output=True, text=True, check=True, env=env)
         r = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"dense {args.dense_size}² field: {r['objects']} objects, {r['columns']} columns; segmentation {r['segmentation_s']:.1f} s, "
-              f"engine {r['engine_s']:.1f} s (CPU {r['engine_cpu_s']:.1f} s, one thread); peak RSS {r['peak_rss_gib']:.2f} GiB "
-              f"({r['rss_before_engine_gib']:.2f} GiB before the engine)")
+              f"engine {r['engine_s']:.1f} s (CPU {r['engine_cpu_s']:.1f} s, one thread); peak RSS of the measuring process "
+              f"{r['peak_rss_gib']:.2f} GiB ({r['rss_before_engine_gib']:.2f} GiB with the field and masks loaded)")
         print("  " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(r["timings"].items(), key=lambda kv: -kv[1])))
         return
 

@@ -140,11 +140,16 @@ def measure(images: dict[str, np.ndarray], masks: Masks, channels: list[str], cf
     return measure_field(images, masks, channels, cfg.skip, device=cfg.device)
 
 
-def _one_thread() -> None:
-    """Worker processes share the machine's cores: one torch (and BLAS) thread each."""
+def _one_thread() -> int:
+    """One torch thread per process: the engine's parallelism is across fields (--workers). Its
+    many small kernels gain nothing from intra-op threads, and OpenMP's spinning threads lose
+    several-fold on a busy machine (measured in benchmarks/profile_field.py). Returns the
+    previous thread count."""
     import torch
 
+    before = torch.get_num_threads()
     torch.set_num_threads(1)
+    return before
 
 
 def _field_job(job: tuple) -> tuple[str, int, str | None]:
@@ -223,9 +228,11 @@ def profile_plate(cfg: ProfileConfig, progress: Progress | None = None) -> Profi
     if cfg.workers > 1 and len(jobs) > 1:
         ex = ProcessPoolExecutor(cfg.workers, initializer=_one_thread)
         results = ex.map(_field_job, jobs, chunksize=1)
+        threads = None
     else:
         ex = None
         results = map(_field_job, jobs)
+        threads = _one_thread() if cfg.engine == "cpvs" and jobs else None
     try:
         for k, (key, n_cells, err) in enumerate(results):
             if err is not None:
@@ -238,6 +245,10 @@ def profile_plate(cfg: ProfileConfig, progress: Progress | None = None) -> Profi
     finally:
         if ex is not None:
             ex.shutdown(wait=True, cancel_futures=True)
+        if threads is not None:
+            import torch
+
+            torch.set_num_threads(threads)
     params = plain(cfg)
     record = "cpvs-run.json" if cfg.shard == (1, 1) else f"cpvs-run.shard-{cfg.shard[0]}-of-{cfg.shard[1]}.json"
     write_run_record(out, "profile", params, inputs={"plate": str(cfg.plate)}, name=record, skipped=skipped)
