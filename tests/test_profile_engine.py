@@ -110,6 +110,29 @@ def test_generic_torch_paths_match_the_cpu_shortcuts(small_field, monkeypatch):
     assert (generic[zero].abs() < 1e-6).all().all()
 
 
+def test_a_field_measured_in_slices_of_objects_gives_the_same_table(small_field):
+    """Dense fields are measured a slice of their objects at a time (bounded memory)."""
+    images, masks, _ = small_field
+    whole = engine.measure_field(images, masks, list(images))
+    sliced = engine.measure_field(images, masks, list(images), max_pixels=1500)
+    assert len(engine._label_chunks(masks.cells, masks.n, 1500)) > 2
+    zero = [c for c in whole.columns if c.endswith(ZERO_BY_DEFINITION)]
+    pd.testing.assert_frame_equal(sliced[whole.columns].drop(columns=zero), whole.drop(columns=zero), rtol=1e-9, atol=1e-12)
+
+
+def test_nothing_stays_cached_after_a_field(small_field):
+    """Per-label-image caches go with the field: a worker measuring thousands of fields stays flat."""
+    import gc
+
+    from cpvs.profile.engine import texture
+
+    images, masks, _ = small_field
+    for _ in range(2):
+        engine.measure_field(images, masks, list(images))
+    gc.collect()
+    assert len(texture._CACHE) == 0
+
+
 def test_skip_leaves_out_the_same_columns(small_field):
     images, masks, _ = small_field
     skip = ("costes", "zernike", "radial_distribution", "granularity", "neighbors")

@@ -55,8 +55,12 @@ class Objects:
 
     @classmethod
     def from_labels(cls, labels: torch.Tensor, n: int | None = None) -> "Objects":
-        """labels: (H, W) integer tensor, 0 = background. ``n`` defaults to the largest label."""
-        labels = labels.to(torch.int64)
+        """labels: (H, W) integer tensor, 0 = background. ``n`` defaults to the largest label.
+
+        The objects keep their own copy of the labels: modules cache an :class:`Objects` on the label
+        tensor it came from (weakly keyed), and a value referring to its own key would never be freed.
+        """
+        labels = labels.to(torch.int64, copy=True)
         dev = labels.device
         h, w = labels.shape
         flat = torch.nonzero(labels.reshape(-1) > 0).squeeze(1)
