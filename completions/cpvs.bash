@@ -201,6 +201,7 @@ _cpvs() {
                 --max-cell-distance) return ;;
                 --masks-from) COMPREPLY=($(compgen -f -- "$cur")); return ;;
                 --masks-format) COMPREPLY=($(compgen -W "tiff ome-zarr" -- "$cur")); return ;;
+                --engine) COMPREPLY=($(compgen -W "cpvs cp_measure" -- "$cur")); return ;;
                 --skip) return ;;
                 --illum-size) return ;;
                 --illum-fields) return ;;
@@ -221,7 +222,7 @@ _cpvs() {
                 --outlier-cutoff) return ;;
             esac
             if [[ "$cur" == -* ]]; then
-                COMPREPLY=($(compgen -W "--out -o --channel-map --channels --platemap --plate-name --nuclei-channel --cell-channel --threshold --threshold-correction --cell-threshold-correction --smoothing --min-nucleus-diameter --max-nucleus-diameter --declump-distance --max-cell-distance --keep-border --masks-from --masks-format --skip --illum-size --illum-fields --workers --shard --single-cells --aggregate --overlays --on-error --overwrite --join --normalize --control-query --by-plate --feature-select --select-ops --features-from --na-cutoff --corr-threshold --freq-cut --unique-cut --outlier-cutoff --json" -- "$cur"))
+                COMPREPLY=($(compgen -W "--out -o --channel-map --channels --platemap --plate-name --nuclei-channel --cell-channel --threshold --threshold-correction --cell-threshold-correction --smoothing --min-nucleus-diameter --max-nucleus-diameter --declump-distance --max-cell-distance --keep-border --masks-from --masks-format --engine --skip --illum-size --illum-fields --workers --shard --single-cells --aggregate --overlays --on-error --overwrite --join --normalize --control-query --by-plate --feature-select --select-ops --features-from --na-cutoff --corr-threshold --freq-cut --unique-cut --outlier-cutoff --json" -- "$cur"))
             else
                 COMPREPLY=($(compgen -f -- "$cur"))
             fi ;;
@@ -256,7 +257,7 @@ _cpvs() {
                 --workers) return ;;
             esac
             if [[ "$cur" == -* ]]; then
-                COMPREPLY=($(compgen -W "--nsc --nscb --target --cpcor --toxicity --active --map --images --fid --truth --truth-plate --pred --out -o --report --json --overwrite --moa-col --compound-col --batch-col --perturbation-cols --target-col --control-col --derive --negative-query --positive-query --aggregate --match-cols --method --k --top-k --rounds --null-size --map-engine --seed --fid-network --channels --truth-channel-map --truth-illum-size --workers" -- "$cur"))
+                COMPREPLY=($(compgen -W "--nsc --nscb --target --cpcor --toxicity --active --map --images --fid --truth --truth-plate --pred --out -o --report --json --overwrite --moa-col --compound-col --batch-col --perturbation-cols --target-col --control-col --derive --negative-query --positive-query --aggregate --match-cols --method --cellprofiler-names --no-cellprofiler-names --k --top-k --rounds --null-size --map-engine --seed --fid-network --channels --truth-channel-map --truth-illum-size --workers" -- "$cur"))
             else
                 COMPREPLY=($(compgen -f -- "$cur"))
             fi ;;

@@ -132,11 +132,17 @@ def _worker_init() -> None:
     _set_parent_death_signal()
 
 
+def _worker_init_then(initializer) -> None:
+    _worker_init()
+    if initializer is not None:
+        initializer()
+
+
 @contextlib.contextmanager
-def process_pool(workers: int) -> Iterator[ProcessPoolExecutor]:
+def process_pool(workers: int, initializer=None) -> Iterator[ProcessPoolExecutor]:
     """A process pool that never outlives its block: on any exception (an interruption included)
-    queued tasks are cancelled and the workers terminated."""
-    ex = ProcessPoolExecutor(max(1, workers), initializer=_worker_init)
+    queued tasks are cancelled and the workers terminated. ``initializer`` runs in each worker too."""
+    ex = ProcessPoolExecutor(max(1, workers), initializer=_worker_init_then, initargs=(initializer,))
     try:
         yield ex
     except BaseException:
