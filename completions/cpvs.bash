@@ -101,12 +101,13 @@ _cpvs() {
                 --channels|--plate-name|--nuclei-channel|--cell-channel|--threshold-correction|--cell-threshold-correction|--smoothing|--min-nucleus-diameter|--max-nucleus-diameter|--declump-distance|--max-cell-distance|--skip|--illum-size|--illum-fields|--workers|--shard|--overlays|--control-query|--select-ops|--na-cutoff|--corr-threshold|--freq-cut|--unique-cut|--outlier-cutoff) :; return ;;
                 --threshold) _cpvs_words "li otsu"; return ;;
                 --masks-format) _cpvs_words "tiff ome-zarr"; return ;;
+                --engine) _cpvs_words "cpvs cp_measure"; return ;;
                 --aggregate) _cpvs_words "median mean"; return ;;
                 --on-error) _cpvs_words "raise skip"; return ;;
                 --normalize) _cpvs_words "standardize robustize mad_robustize spherize"; return ;;
                 --device) _cpvs_words "auto cpu cuda"; return ;;
             esac
-            if [[ "$cur" == -* ]]; then _cpvs_words "--out -o --channel-map --channels --platemap --plate-name --nuclei-channel --cell-channel --threshold --threshold-correction --cell-threshold-correction --smoothing --min-nucleus-diameter --max-nucleus-diameter --declump-distance --max-cell-distance --keep-border --masks-from --masks-format --skip --illum-size --illum-fields --workers --shard --single-cells --aggregate --overlays --on-error --overwrite --join --normalize --control-query --by-plate --feature-select --select-ops --features-from --na-cutoff --corr-threshold --freq-cut --unique-cut --outlier-cutoff --json --help -h --quiet -q --device"
+            if [[ "$cur" == -* ]]; then _cpvs_words "--out -o --channel-map --channels --platemap --plate-name --nuclei-channel --cell-channel --threshold --threshold-correction --cell-threshold-correction --smoothing --min-nucleus-diameter --max-nucleus-diameter --declump-distance --max-cell-distance --keep-border --masks-from --masks-format --engine --skip --illum-size --illum-fields --workers --shard --single-cells --aggregate --overlays --on-error --overwrite --join --normalize --control-query --by-plate --feature-select --select-ops --features-from --na-cutoff --corr-threshold --freq-cut --unique-cut --outlier-cutoff --json --help -h --quiet -q --device"
             else _cpvs_files; fi ;;
         evaluate)
             case "$prev" in
