@@ -222,7 +222,8 @@ def test_compartments_are_case_insensitive_and_embeddings_and_nans_are_counted(t
     assert f["embedding"] == {"total": 3, "by_channel": {"DNA": 2, "ER": 1}}
     assert f["other"] == {"total": 1, "examples": ["Count"]}
     assert d["metadata"] == {"Metadata_Compound": 2, "Metadata_Well": 10}
-    assert d["nan"] == {"fraction": pytest.approx(15 / 80), "features_with_nan": 2, "all_nan_features": 1, "rows_with_nan": 10}
+    assert d["nan"] == {"fraction": pytest.approx(15 / 80), "features_with_nan": 2, "all_nan_features": 1, "rows_with_nan": 10,
+                        "all_nan_rows": 0}
     assert any("NaN in every row" in w for w in d["warnings"])
 
 

@@ -168,8 +168,8 @@ def _table(f: dict, path: str) -> list[str]:
     rows = [
         ("rows", f"{f['rows']:,} ({f['level']})"),
         ("features", f"{feats['total']:,}"),
-        ("NaN", f"{nan['fraction']:.2%} of values; {nan['features_with_nan']} features and {nan['rows_with_nan']} rows have some, "
-                f"{nan['all_nan_features']} features are all NaN"),
+        ("NaN", f"{nan['fraction']:.2%} of values; {nan['features_with_nan']} features and {nan['rows_with_nan']} rows have some; "
+                f"{nan['all_nan_features']} features and {nan['all_nan_rows']} rows are all NaN"),
     ]
     out = [f"profile table {path}"] + _rows(rows) + ["  metadata"] + [f"    {c}" for c in _distinct(f["metadata"])]
     if feats["by_compartment"]:

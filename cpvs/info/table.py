@@ -81,7 +81,8 @@ def describe_table(path: Path) -> Info:
         "nan": {"fraction": float(nan.mean()) if nan.size else 0.0,
                 "features_with_nan": int(nan.any(axis=0).sum()),
                 "all_nan_features": int(nan.all(axis=0).sum()) if len(df) else 0,
-                "rows_with_nan": int(nan.any(axis=1).sum())},
+                "rows_with_nan": int(nan.any(axis=1).sum()),
+                "all_nan_rows": int(nan.all(axis=1).sum()) if features else 0},
     }
     warnings = []
     if not features:
@@ -91,6 +92,8 @@ def describe_table(path: Path) -> Info:
                         "(`cpvs profile TABLE --join METADATA` adds them)")
     if ignored:
         warnings.append(f"{len(ignored)} column(s) are neither Metadata_ nor numeric and are ignored: {', '.join(ignored[:5])}")
+    if facts["nan"]["all_nan_rows"]:
+        warnings.append(f"{facts['nan']['all_nan_rows']} row(s) have no value in any feature (e.g. wells without cells)")
     if facts["nan"]["all_nan_features"]:
         warnings.append(f"{facts['nan']['all_nan_features']} feature(s) are NaN in every row")
     return Info("table", str(path), facts, warnings)
