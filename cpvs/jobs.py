@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from cpvs.errors import CpvsError
-from cpvs.runinfo import write_json_atomic
+from cpvs.runinfo import temp_owner, write_json_atomic
 
 LOCK_PREFIX = ".cpvs-lock"
 IDENTITY_FILE = ".cpvs-identity.json"
@@ -165,7 +165,10 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:  # a killed process nobody has reaped yet (a zombie) still answers signal 0
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def lock_name(shard: tuple[int, int] | None = None, name: str | None = None) -> str:
@@ -191,6 +194,20 @@ def _conflicts(mine: str, other: str) -> bool:
     if a["n"] and b["n"] and a["n"] == b["n"]:
         return a["i"] == b["i"]
     return True
+
+
+def remove_dead_temps(folder: str | Path) -> list[Path]:
+    """Remove the temporary files that killed runs on this host left under ``folder`` (their
+    writer's pid is gone); a live run's files, and those of other hosts, stay. Returns what went."""
+    host, gone = socket.gethostname(), []
+    for root, dirs, files in os.walk(folder):
+        for name in files:
+            owner = temp_owner(name)
+            if owner and owner[0] == host and owner[1] != os.getpid() and not _pid_alive(owner[1]):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(root, name))
+                    gone.append(Path(root) / name)
+    return gone
 
 
 class OutputLock:
@@ -242,6 +259,7 @@ class OutputLock:
                 continue
             with os.fdopen(fd, "w") as fh:
                 json.dump(self.info, fh)
+            remove_dead_temps(self.folder)
             self._thread = threading.Thread(target=self._beat, name="cpvs-lock-heartbeat", daemon=True)
             self._thread.start()
             return self
@@ -254,6 +272,9 @@ class OutputLock:
 
     def release(self) -> None:
         self._stop.set()
+        # Again at the end: the workers of a run killed just before this one may have been dying at the start.
+        with contextlib.suppress(OSError):
+            remove_dead_temps(self.folder)
         with contextlib.suppress(OSError, ValueError):
             if json.loads(self.path.read_text()).get("pid") == os.getpid():
                 self.path.unlink()

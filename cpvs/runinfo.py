@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import sys
 import tempfile
 from contextlib import contextmanager
@@ -19,6 +20,7 @@ from typing import Any, Iterator
 from cpvs import __version__
 
 RUN_FILE = "cpvs-run.json"
+TMP_PREFIX = ".tmp-"
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -28,11 +30,14 @@ def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` on success.
 
     A killed job leaves only a ``.tmp-*`` file behind, never a half-written file
-    under the final name.
+    under the final name. The temporary name carries the writer's host and pid
+    (see :func:`temp_owner`), so that the next run can tell a dead job's leftovers
+    from a live job's file and remove them.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}.", suffix=suffix or path.suffix, dir=path.parent)
+    owner = f"{socket.gethostname()}~{os.getpid()}~"
+    fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{owner}{path.name}.", suffix=suffix or path.suffix, dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs are shared like any other file
@@ -42,6 +47,16 @@ def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def temp_owner(name: str) -> tuple[str, int] | None:
+    """(host, pid) of the run that wrote the temporary file ``name``, or None when it is not one of ours."""
+    if not name.startswith(TMP_PREFIX):
+        return None
+    parts = name[len(TMP_PREFIX):].split("~", 2)
+    if len(parts) != 3 or not parts[1].isdigit():
+        return None
+    return parts[0], int(parts[1])
 
 
 def plain(value: Any) -> Any:

@@ -56,6 +56,43 @@ def test_stale_locks_are_taken_over(tmp_path):
         OutputLock(tmp_path, "profile").acquire()
 
 
+def test_taking_the_lock_removes_what_killed_writers_left_and_keeps_live_ones(tmp_path):
+    from cpvs.runinfo import atomic_path
+
+    host = socket.gethostname()
+    (tmp_path / "sub").mkdir()
+    dead = tmp_path / "sub" / f".tmp-{host}~{_dead_pid()}~field.tiff.abc.tiff"  # a killed run's half file
+    live = tmp_path / f".tmp-{host}~{os.getppid()}~table.parquet.def.parquet"  # a shard still writing
+    elsewhere = tmp_path / ".tmp-another-node~1~table.parquet.ghi.parquet"  # cannot tell: kept
+    user = tmp_path / ".tmp-notes.txt"  # not ours
+    for p in (dead, live, elsewhere, user):
+        p.write_bytes(b"half")
+    with OutputLock(tmp_path, "predict-plate"):
+        assert not dead.exists() and live.exists() and elsewhere.exists() and user.exists()
+        with atomic_path(tmp_path / "x.parquet") as tmp:
+            assert tmp.name.startswith(f".tmp-{host}~{os.getpid()}~x.parquet.") and tmp.suffix == ".parquet"
+            tmp.write_bytes(b"done")
+    assert (tmp_path / "x.parquet").read_bytes() == b"done"
+
+
+def test_preprocess_killed_while_creating_its_store_resumes(sim_root, tmp_path):
+    """A kill between the store's first array and its field table left a store that a rerun must finish."""
+    import pandas as pd
+    import zarr
+
+    from cpvs.plate import discover_plates
+    from cpvs.preprocess.pipeline import preprocess_plates
+    from cpvs.preprocess.store import Store
+
+    plates = discover_plates(sim_root / "SIM3-P01")
+    out = tmp_path / "s.zarr"
+    g = zarr.open_group(str(out), mode="a")
+    g.create_array("images", shape=(1, 1, 8, 8), dtype="float16")  # ... and then the kill
+    preprocess_plates(plates, out, workers=1)
+    store = Store(out)
+    assert store.attrs["complete"] and len(pd.read_parquet(out / "fields.parquet")) == len(plates[0].fields) == 12
+
+
 def test_shards_of_one_job_share_an_output_other_runs_do_not(tmp_path):
     from cpvs.jobs import lock_name
 

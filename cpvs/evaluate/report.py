@@ -183,5 +183,8 @@ def build_report(path: Path, res, cfg, extras: dict[str, Any] | None = None) -> 
                 colours[label] = both[col]
         if not colours:
             colours["compound"] = both[res.columns["compound"]]
-        rep.figure(embedding_plot(both[feats].to_numpy(dtype=float), colours, seed=cfg.seed))
+        if len(feats) < 2:  # a single feature already is the picture; t-SNE of it says nothing more
+            rep.text(f"{len(feats)} feature(s) left after feature selection: no two-dimensional view.")
+        else:
+            rep.figure(embedding_plot(both[feats].to_numpy(dtype=float), colours, seed=cfg.seed))
     return rep.write(path)

@@ -23,7 +23,7 @@ from cpvs.plate.layout import Field, Plate
 from cpvs.plate.stack import read_field_stack
 from cpvs.preprocess.illumination import illumination_function
 from cpvs.preprocess.normalize import clip, resize_image, zscore
-from cpvs.preprocess.store import FORMAT, create_store
+from cpvs.preprocess.store import FORMAT, create_store, is_created
 from cpvs.runinfo import fingerprint, write_run_record
 
 Progress = Callable[[str, int, int], None]  # (stage, completed, total)
@@ -212,7 +212,7 @@ def _preprocess(plates, out, params, channels, illum_size, size, resize_method, 
     table = pd.concat(
         [p.table()[[f.key not in bad[p.name] for f in p.fields]] for p in plates], ignore_index=True
     )
-    if "images" not in g:
+    if not is_created(g):
         g = create_store(out, channels, target, table, params, dtype=dtype, chunk=chunk)
     else:
         old = pd.read_parquet(out / "fields.parquet")

@@ -24,6 +24,7 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from cpvs.errors import CpvsError
+from cpvs.runinfo import atomic_path
 
 FIELDS_FILE = "fields.parquet"
 FORMAT = "cpvs-store/1"
@@ -42,7 +43,10 @@ def create_store(
     dtype: str = "float16",
     chunk: int = 256,
 ) -> zarr.Group:
-    """Create the arrays of a new store (fill values: zeros, ``done`` all False)."""
+    """Create the arrays of a new store (fill values: zeros, ``done`` all False).
+
+    The ``n_fields`` attribute is written last: a store without it was killed while being
+    created and is created again (see :func:`is_created`)."""
     n, c = len(table), len(channels)
     h, w = shape
     g = zarr.open_group(str(path), mode="a")
@@ -52,9 +56,15 @@ def create_store(
                    compressors=_compressor(), fill_value=0, overwrite=True)
     g.create_array("done", shape=(n,), chunks=(1,), dtype=bool, fill_value=False, overwrite=True)
     g.create_array("stats", shape=(n, c, 2), chunks=(1, c, 2), dtype="float64", fill_value=np.nan, overwrite=True)
-    table.reset_index(drop=True).to_parquet(path / FIELDS_FILE, index=False)
+    with atomic_path(path / FIELDS_FILE) as tmp:
+        table.reset_index(drop=True).to_parquet(tmp, index=False)
     g.attrs.update({"format": FORMAT, "channels": list(channels), "shape": [h, w], "n_fields": n, "params": params})
     return g
+
+
+def is_created(g: zarr.Group) -> bool:
+    """True when :func:`create_store` finished on ``g`` (all arrays and the field table exist)."""
+    return "images" in g and "n_fields" in g.attrs
 
 
 class Store:
