@@ -132,11 +132,17 @@ def _worker_init() -> None:
     _set_parent_death_signal()
 
 
+def _worker_init_then(initializer) -> None:
+    _worker_init()
+    if initializer is not None:
+        initializer()
+
+
 @contextlib.contextmanager
-def process_pool(workers: int) -> Iterator[ProcessPoolExecutor]:
+def process_pool(workers: int, initializer=None) -> Iterator[ProcessPoolExecutor]:
     """A process pool that never outlives its block: on any exception (an interruption included)
-    queued tasks are cancelled and the workers terminated."""
-    ex = ProcessPoolExecutor(max(1, workers), initializer=_worker_init)
+    queued tasks are cancelled and the workers terminated. ``initializer`` runs in each worker too."""
+    ex = ProcessPoolExecutor(max(1, workers), initializer=_worker_init_then, initargs=(initializer,))
     try:
         yield ex
     except BaseException:
@@ -312,3 +318,21 @@ def clear_outputs(folder: str | Path, names: list[str] | None = None) -> None:
 def is_empty_output(folder: str | Path) -> bool:
     """True when ``folder`` holds nothing but cpvs locks."""
     return not any(not p.name.startswith(LOCK_PREFIX) for p in Path(folder).iterdir())
+
+
+_LIBC = None
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap back to the OS (glibc ``malloc_trim``): reader and writer threads allocate
+    field-sized buffers in their own arenas, which otherwise grow by fragments over thousands of
+    fields. A no-op where glibc is absent."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)

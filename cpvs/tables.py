@@ -191,3 +191,38 @@ def join_metadata(df: pd.DataFrame, path: str | Path) -> pd.DataFrame:
     for k in keys:
         out[k] = df[k].values
     return out
+
+
+IMAGE_PREFIXES = ("RescaleIntensity", "Orig", "Corr", "Illum", "Masked")  # how CellProfiler pipelines name image versions
+_CHANNEL_WORDS = {"dna": "DNA", "hoechst": "DNA", "dapi": "DNA", "er": "ER", "rna": "RNA", "agp": "AGP", "mito": "Mito",
+                  "mitochondria": "Mito", "brightfield": "BF", "bf": "BF"}
+
+
+def _cpvs_channel(token: str) -> str | None:
+    t = token
+    for p in IMAGE_PREFIXES:
+        if t.startswith(p) and len(t) > len(p):
+            t = t[len(p):]
+            break
+    low = t.lower()
+    if low in _CHANNEL_WORDS:
+        return _CHANNEL_WORDS[low]
+    if low.startswith("brightf"):  # CellProfiler pipelines often shorten it (Brightfild, Brightfld)
+        return "BF"
+    return None
+
+
+def cpvs_feature_names(columns: list[str]) -> dict[str, str]:
+    """CellProfiler feature names as cpvs writes them: the image names of the user's pipeline
+    (``Cells_Intensity_MeanIntensity_CorrDNA``, ``…_OrigBrightfield``) become cpvs channel names
+    (``Cells_Intensity_MeanIntensity_DNA``). Returns {old: new} for the columns that change."""
+    out = {}
+    for c in columns:
+        if is_metadata(c) or "_" not in c:
+            continue
+        parts = c.split("_")
+        new = parts[:2] + [_cpvs_channel(p) or p for p in parts[2:]]
+        name = "_".join(new)
+        if name != c:
+            out[c] = name
+    return out

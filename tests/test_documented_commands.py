@@ -84,9 +84,10 @@ def test_readme_quick_start_runs(tmp_path):
     text = (REPO / "README.md").read_text()
     block = re.search(r"## Quick start\n\n```bash\n(.*?)```", text, flags=re.S).group(1)
     lines = [a for line in _logical_lines(block) if (a := _cpvs_args(line))]
-    assert [a[0] for a in lines] == ["simulate", "preprocess", "preprocess"]
+    assert [a[0] for a in lines] == ["simulate", "preprocess", "preprocess", "profile", "info"]
     for args in lines:
         args = [a.replace("/tmp/", f"{tmp_path}/") for a in args]
         r = subprocess.run([sys.executable, "-m", "cpvs", "--quiet", *args], cwd=REPO, capture_output=True, text=True)
         assert r.returncode == 0, f"cpvs {' '.join(args)}\n{r.stderr}"
     assert (tmp_path / "sim.zarr" / "zarr.json").exists() and (tmp_path / "pediatric.zarr" / "zarr.json").exists()
+    assert r.stdout.startswith("profile table") and "features by compartment and module" in r.stdout  # the info line

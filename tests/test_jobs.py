@@ -130,3 +130,33 @@ def test_profile_rerun_with_other_parameters_is_refused_and_overwrite_recomputes
     assert r.exit_code == 0 and "12 fields measured, 0 already done" in r.output, r.output
     r = runner.invoke(app, base + ["--threshold", "otsu"])
     assert r.exit_code == 0 and "0 fields measured, 12 already done" in r.output, r.output
+
+
+def test_every_resumable_command_refuses_a_rerun_with_another_parameter(sim_root, sim_store, tmp_path):
+    """predict-plate, evaluate, train --resume and simulate name the parameter that changed; --overwrite replaces."""
+    plate = sim_root / "SIM3-P01"
+    tiny = ["--crop", "64", "--depth", "3", "--width", "4", "--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "2"]
+    r = runner.invoke(app, ["--device", "cpu", "train", "--model", "unet", "--data", str(sim_store), "-o", str(tmp_path / "u"), *tiny])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["--device", "cpu", "train", "--model", "unet", "--data", str(sim_store), "-o", str(tmp_path / "u"),
+                            *tiny[:-6], "--epochs", "2", "--steps-per-epoch", "1", "--batch-size", "2", "--lr", "0.01", "--resume"])
+    assert r.exit_code == 2 and "--lr" in r.output, r.output
+
+    pred = ["--device", "cpu", "predict-plate", str(plate), "--checkpoint", str(tmp_path / "u"), "-o", str(tmp_path / "p"), "--shard", "1/6"]
+    assert runner.invoke(app, pred).exit_code == 0
+    r = runner.invoke(app, pred + ["--stitch", "mean"])
+    assert r.exit_code == 2 and "stitch: 'median' -> 'mean'" in r.output, r.output
+    r = runner.invoke(app, pred + ["--stitch", "mean", "--overwrite"])
+    assert r.exit_code == 0 and "2 written" in " ".join(r.output.split()), r.output
+
+    ev = ["evaluate", "../shared/data/bbbc021/BBBC021_per_well_feature_selected_mad_robustize.csv", "--nsc", "--moa-col",
+          "Metadata_moa", "-o", str(tmp_path / "e")]
+    assert runner.invoke(app, ev).exit_code == 0
+    r = runner.invoke(app, ev + ["--aggregate", "mean"])
+    assert r.exit_code == 2 and "aggregate" in r.output and "--overwrite" in r.output, r.output
+    assert runner.invoke(app, ev + ["--aggregate", "mean", "--overwrite"]).exit_code == 0
+
+    sim = ["simulate", "-o", str(tmp_path / "s"), "--plates", "1", "--wells", "4", "--sites", "1", "--size", "64"]
+    assert runner.invoke(app, sim).exit_code == 0
+    r = runner.invoke(app, sim[:-1] + ["96"])
+    assert r.exit_code == 2 and "size: 64 -> 96" in r.output, r.output

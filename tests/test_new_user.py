@@ -130,3 +130,28 @@ def test_demo_writes_a_report_with_image_grids(tmp_path):
     page = (tmp_path / "d" / "report" / "report.html").read_text()
     assert "Images: brightfield, ground truth, prediction" in page and "prediction profiles-unet/" in page
     shutil.rmtree(tmp_path / "d")
+
+
+def test_cpcor_against_a_cellprofiler_table_matches_features_named_by_its_pipeline(pediatric, tmp_path):
+    """CellProfiler names features after the pipeline's images (…_CorrDNA, …_OrigBrightfield);
+    cpvs writes …_DNA, …_BF. Matching maps one onto the other."""
+    from cpvs.tables import cpvs_feature_names, feature_columns
+
+    cp = pd.read_parquet(pediatric / "BR00143976_C03_f03_cellprofiler_5cells.parquet")
+    cp = cp.rename(columns={"Metadata_ObjectNumber": "Metadata_Object"}) if "Metadata_ObjectNumber" in cp else cp
+    cp["Metadata_Object"] = range(len(cp))
+    feats = feature_columns(cp)
+    renamed = cpvs_feature_names(feats)
+    assert renamed["Cells_Intensity_MeanIntensity_CorrDNA"] == "Cells_Intensity_MeanIntensity_DNA"
+    assert renamed["Cytoplasm_Correlation_Costes_CorrRNA_CorrAGP"] == "Cytoplasm_Correlation_Costes_RNA_AGP"
+    pred = cp[["Metadata_Object"] + feats].rename(columns=renamed)  # what cpvs writes for the same cells
+    rng = np.random.default_rng(0)
+    pred[list(renamed.values())] = pred[list(renamed.values())] * rng.uniform(0.9, 1.1, (len(pred), len(renamed)))
+    cp.to_parquet(tmp_path / "cellprofiler.parquet")
+    pred.to_parquet(tmp_path / "cpvs.parquet")
+    r = cli("evaluate", tmp_path / "cpvs.parquet", "--cpcor", "--truth", tmp_path / "cellprofiler.parquet",
+            "--match-cols", "Metadata_Object", "--json")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["cpcor"]["n_features"] >= len(renamed) > 2500
+    assert any("CellProfiler image names mapped" in n for n in doc["notes"])

@@ -106,6 +106,7 @@ def _register() -> None:
     from cpvs.cli.demo import demo
     from cpvs.cli.embed import embed
     from cpvs.cli.evaluate import evaluate
+    from cpvs.cli.info import info
     from cpvs.cli.predict import predict_plate
     from cpvs.cli.preprocess import preprocess
     from cpvs.cli.profile import profile
@@ -115,7 +116,7 @@ def _register() -> None:
     help.install()
     for name, fn in (("simulate", simulate), ("preprocess", preprocess), ("demo", demo), ("train", train),
                      ("predict-plate", predict_plate), ("embed", embed), ("profile", profile), ("evaluate", evaluate),
-                     ("convert", convert)):
+                     ("convert", convert), ("info", info)):
         help.unwrap_docstring(fn)
         app.command(name)(fn)
 

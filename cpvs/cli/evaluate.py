@@ -49,6 +49,7 @@ def evaluate(
     aggregate: Annotated[Average, typer.Option(help="How wells are aggregated to treatments.")] = Average("median"),
     match_cols: Annotated[Optional[str], typer.Option(metavar="COL,...", help="--cpcor: comma-separated columns matching prediction and truth rows (default: plate, well, site).")] = None,
     method: Annotated[CorrMethod, typer.Option(help="--cpcor correlation.")] = CorrMethod("spearman"),
+    cellprofiler_names: Annotated[bool, typer.Option("--cellprofiler-names/--no-cellprofiler-names", help="--cpcor: match features whose CellProfiler pipeline named its images CorrDNA, OrigER, ... with cpvs's DNA, ER, ... (applied when it matches more features).")] = True,
     k: Annotated[int, typer.Option("--k", "--top-k", help="--target: neighbours counted for the top-k match.")] = 5,
     rounds: Annotated[int, typer.Option(help="--toxicity: resampling rounds of the majority vote.")] = 100,
     null_size: Annotated[int, typer.Option(help="--map: null APs sampled per (positives, candidates) configuration for p-values.")] = 10000,
@@ -87,7 +88,7 @@ def evaluate(
             perturbation_cols=csv_list(perturbation_cols), target_col=target_col, control_col=control_col, derive=derive or [],
             negative_query=negative_query, positive_query=positive_query, aggregate=aggregate.value,
             match_cols=csv_list(match_cols) or None, method=method.value, k=k, rounds=rounds, null_size=null_size, seed=seed,
-            map_engine=map_engine.value, device=st.device,
+            map_engine=map_engine.value, device=st.device, cellprofiler_names=cellprofiler_names,
         )
     req = EvaluateRequest(cfg, images=images, fid=fid, pred=pred,
                           truth_plate=truth_plate or (truth if truth is not None and truth_table is None else None),

@@ -11,6 +11,17 @@ from cpvs.cli.common import JsonOpt, finish, choices, Threshold, NormMethod, Cha
 
 MasksFormat = choices("MasksFormat", "tiff ome-zarr")
 
+Engine = choices("Engine", "cpvs cp_measure")
+
+
+def _engine_device(device: str) -> str:
+    """The engine runs where --device says; "auto" picks the GPU when there is one."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
 
 @cli_errors
 def profile(
@@ -34,6 +45,7 @@ def profile(
     keep_border: Annotated[bool, typer.Option("--keep-border", help="Keep objects touching the field border.")] = False,
     masks_from: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Reuse masks instead of segmenting: a `cpvs profile` output folder (or a folder of WELL_sSITE_nuclei/cells.tiff), or an OME-Zarr plate with NGFF labels.")] = None,
     masks_format: Annotated[MasksFormat, typer.Option(help="tiff: OUT/masks/<plate>/WELL_sSITE_nuclei|cells.tiff; ome-zarr: NGFF labels (nuclei, cells) inside the OME-Zarr plate itself, next to its images.")] = MasksFormat("tiff"),
+    engine: Annotated[Engine, typer.Option(help="Who measures: cpvs (the vectorized engine: the same columns and values as cp_measure, ~10x faster; on --device) or cp_measure (the reference).")] = Engine("cpvs"),
     skip: Annotated[Optional[str], typer.Option(metavar="MODULE,...", help="Comma-separated modules to skip: intensity, sizeshape, zernike, feret, texture, granularity, radial_distribution, radial_zernikes, correlation, costes, neighbors.")] = None,
     illum_size: Annotated[int, typer.Option(help="Illumination correction median filter size, px (0 disables).")] = 249,
     illum_fields: Annotated[int, typer.Option(help="Fields (evenly spaced) averaged for the illumination function.")] = 256,
@@ -96,6 +108,7 @@ def profile(
     for plate in inputs:
         cfg = ProfileConfig(plate=plate, out=out, channel_map=channel_map, channels=parse_channels(channels), platemap=platemap,
                             plate_name=plate_name, segment=seg, masks_from=masks_from, masks_format=masks_format.value, skip=tuple(csv_list(skip)),
+                            engine=engine.value, device=_engine_device(st.device),
                             illum_size=illum_size, illum_fields=illum_fields, workers=workers, shard=Shard.parse(shard),
                             single_cells=single_cells, aggregate=aggregate.value, overlays=overlays, on_error=on_error.value,
                             overwrite=overwrite)

@@ -53,6 +53,7 @@ class EvalConfig:
     rounds: int = 100
     null_size: int = 10000
     seed: int = 0
+    cellprofiler_names: bool = True  # --cpcor: map CellProfiler image names (CorrDNA, OrigER) to cpvs channel names
     map_engine: str = "cpvs"  # "cpvs" (block engine) or "copairs" (the reference)
     device: str = "auto"  # similarities on: auto (the GPU when there is one), cpu, cuda, cuda:N
 
@@ -160,6 +161,29 @@ def _aggregate(df: pd.DataFrame, rows: np.ndarray, by: list[str], features: list
     return pd.concat(parts, axis=1).copy().reset_index()
 
 
+def _same_feature_names(df: pd.DataFrame, truth: pd.DataFrame, feats: list[str], res) -> tuple:
+    """Both tables with cpvs channel names in their features, so a CellProfiler table whose
+    pipeline named its images CorrDNA/OrigER/... matches cpvs's DNA/ER/... (a note says how many)."""
+    from cpvs.tables import cpvs_feature_names, feature_columns
+
+    before = len(set(feats) & set(truth.columns))
+    ren_pred, ren_truth = cpvs_feature_names(feats), cpvs_feature_names(feature_columns(truth))
+    if not (ren_pred or ren_truth):
+        return df, truth, feats
+    renamed_truth = truth.rename(columns=ren_truth)
+    renamed_pred = df.rename(columns=ren_pred)
+    if renamed_truth.columns.duplicated().any() or renamed_pred.columns.duplicated().any():
+        return df, truth, feats  # two images of one channel (e.g. Orig and Corr): names are not comparable
+    new_feats = [ren_pred.get(f, f) for f in feats]
+    after = len(set(new_feats) & set(renamed_truth.columns))
+    if after <= before:
+        return df, truth, feats
+    res.notes.append(f"CPcor: CellProfiler image names mapped to cpvs channel names ({len(ren_truth) + len(ren_pred)} "
+                     f"columns, e.g. {next(iter({**ren_truth, **ren_pred}.items()))[0]} -> "
+                     f"{next(iter({**ren_truth, **ren_pred}.items()))[1]}): {after} shared features instead of {before}")
+    return renamed_pred, renamed_truth, new_feats
+
+
 def evaluate_profiles(cfg: EvalConfig, progress: Progress | None = None) -> EvalResults:
     """Run the evaluations ``cfg`` asks for; ``progress(stage, completed, total, info="")``
     hears about the long ones (similarity blocks, null distributions)."""
@@ -201,6 +225,8 @@ def evaluate_profiles(cfg: EvalConfig, progress: Progress | None = None) -> Eval
         from cpvs.evaluate.cpcor import feature_correlation
 
         keys = cfg.match_cols or _default_keys(df, truth_df)
+        if cfg.cellprofiler_names:
+            df, truth_df, feats = _same_feature_names(df, truth_df, feats, res)
         shared = [f for f in feats if f in set(truth_df.columns)]
         res.results["cpcor"] = feature_correlation(df, truth_df, keys, shared, cfg.method)
     if cfg.toxicity:

@@ -16,9 +16,13 @@ import torch
 
 from cpvs.device import autocast
 from cpvs.errors import CpvsError
+from cpvs.jobs import release_freed_memory
 from cpvs.plate.layout import Field
 from cpvs.predict.config import TileOptions
 from cpvs.predict.tiling import extract_tiles, pad_to_tile, stitch, tile_grid
+
+
+TRIM_EVERY = 32  # fields between handing freed memory back (keeps RSS flat over long plates)
 
 
 def written_channels(cfg, outputs: list[str]) -> list[str]:
@@ -76,6 +80,8 @@ def run(job, progress) -> tuple[int, list[dict], dict]:
         while writes and (block or writes[0].done()):
             writes.popleft().result()  # re-raises write errors (e.g. disk full)
             written += 1
+            if written % TRIM_EVERY == 0:
+                release_freed_memory()
             progress("fields", len(plan.done) + written, len(plan.fields))
 
     try:

@@ -28,8 +28,22 @@ _CORR_PAIRS = {"Pearson": ("Correlation", False), "Slope": ("Slope", False), "Co
                "RWC_1": ("RWC", False), "RWC_2": ("RWC", True)}
 # Neighbour outputs that are object numbers, not measurements.
 _NEIGHBOR_IDS = ("FirstClosestObjectNumber", "SecondClosestObjectNumber")
-_LONE_OBJECT = {"NumberOfNeighbors": 0.0, "FirstClosestDistance": np.nan, "SecondClosestDistance": np.nan,
+LONE_OBJECT = {"NumberOfNeighbors": 0.0, "FirstClosestDistance": np.nan, "SecondClosestDistance": np.nan,
                 "AngleBetweenNeighbors": np.nan, "PercentTouching": 0.0}
+
+
+ENGINES = ("cpvs", "cp_measure")
+
+
+def check_engine(engine: str, device: str = "cpu") -> None:
+    """A known engine; a device only for the cpvs engine (cp_measure runs on the CPU)."""
+    from cpvs.device import check_device
+
+    if engine not in ENGINES:
+        raise CpvsError(f"unknown engine {engine!r}; engines are {', '.join(ENGINES)}")
+    check_device(device)
+    if engine == "cp_measure" and device not in ("cpu", "auto"):
+        raise CpvsError(f"--device {device}: the cp_measure engine runs on the CPU only", hint="use --engine cpvs")
 
 
 def check_skip(skip: list[str] | tuple[str, ...]) -> tuple[str, ...]:
@@ -115,7 +129,7 @@ def measure_field(images: dict[str, np.ndarray], masks: Masks, channels: list[st
             if n >= 2:
                 res = measureobjectneighbors(lab, lab, distance_method="Adjacent")
             else:  # cp_measure fails on a lone object; it has no neighbour by definition
-                res = {f"Neighbors_{k}_Adjacent": [v] for k, v in _LONE_OBJECT.items()}
+                res = {f"Neighbors_{k}_Adjacent": [v] for k, v in LONE_OBJECT.items()}
             for k, v in res.items():
                 if not any(i in k for i in _NEIGHBOR_IDS):
                     cols[f"{comp}_{k}"] = np.asarray(v, dtype=np.float64)[:n]

@@ -2,8 +2,9 @@
 
 Per field (in parallel worker processes): read the stains, correct illumination
 per plate and channel (as for training), scale to [0, 1], segment (or load the
-masks of another plate with ``masks_from``), measure with cp_measure, and write
-the single-cell table and the masks. Finished fields are skipped on a rerun;
+masks of another plate with ``masks_from``), measure (``engine``: cpvs's own
+vectorized engine, or cp_measure, the reference), and write the single-cell
+table and the masks. Finished fields are skipped on a rerun;
 ``shard`` takes every n-th field. When every field of a plate is done, single
 cells are aggregated to images (median), wells and perturbations, with the
 platemap's ``Metadata_`` columns, and written as Parquet.
@@ -35,7 +36,8 @@ from cpvs.plate.omezarr_write import write_field_labels
 from cpvs.plate.shards import Shard
 from cpvs.plate.tiff import read_image, write_image
 from cpvs.preprocess.illumination import plate_illumination
-from cpvs.profile.features import check_skip, measure_field
+from cpvs.profile.features import check_engine, check_skip
+from cpvs.profile.features import measure_field as measure_field_cp_measure
 from cpvs.profile.segment import Masks, SegmentParams, pair_objects, segment_field
 from cpvs.runinfo import atomic_path, fingerprint, plain, write_json_atomic, write_run_record
 from cpvs.tables import to_perturbations, to_wells
@@ -58,6 +60,8 @@ class ProfileConfig:
     masks_from: Path | None = None
     masks_format: str = "tiff"  # tiff: OUT/masks/<plate>/; ome-zarr: NGFF labels in the (OME-Zarr) plate's own store
     skip: tuple[str, ...] = ()
+    engine: str = "cpvs"  # cpvs | cp_measure (the reference, ~20-50x slower)
+    device: str = "cpu"  # torch device of the cpvs engine: cpu, cuda, cuda:N
     illum_size: int = 249
     illum_fields: int = 256
     workers: int = 1
@@ -143,6 +147,27 @@ def _overlay_png(path: Path, images: dict[str, np.ndarray], masks: Masks, seg: S
     plt.close(fig)
 
 
+def measure(images: dict[str, np.ndarray], masks: Masks, channels: list[str], cfg: ProfileConfig) -> pd.DataFrame:
+    """One field's single-cell table with the configured engine."""
+    if cfg.engine == "cp_measure":
+        return measure_field_cp_measure(images, masks, channels, cfg.skip)
+    from cpvs.profile.engine import measure_field
+
+    return measure_field(images, masks, channels, cfg.skip, device=cfg.device)
+
+
+def _one_thread() -> int:
+    """One torch thread per process: the engine's parallelism is across fields (--workers). Its
+    many small kernels gain nothing from intra-op threads, and OpenMP's spinning threads lose
+    several-fold on a busy machine (measured in benchmarks/profile_field.py). Returns the
+    previous thread count."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    return before
+
+
 def _field_job(job: tuple) -> tuple[str, int, str | None]:
     """Runs in a worker process: one field to its single-cell table, masks and overlay."""
     f, read_channels, measure_channels, illum, cfg, cell_path, overlay, digest = job
@@ -166,7 +191,7 @@ def _field_job(job: tuple) -> tuple[str, int, str | None]:
                 mdir = Path(cfg.out) / "masks" / f.plate
                 write_image(mdir / mask_name(f, "nuclei"), masks.nuclei.astype(np.uint32), compression="zlib")
                 write_image(mdir / mask_name(f, "cells"), masks.cells.astype(np.uint32), compression="zlib")
-        table = measure_field(images, masks, measure_channels, cfg.skip)
+        table = measure(images, masks, measure_channels, cfg)
         table.insert(0, "Metadata_Site", f.site)
         table.insert(0, "Metadata_Well", f.well)
         table.insert(0, "Metadata_Plate", f.plate)
@@ -202,6 +227,7 @@ def profile_plate(cfg: ProfileConfig, progress: Progress | None = None) -> Profi
     t0 = time.perf_counter()
     progress = progress or (lambda *a, **k: None)
     check_skip(cfg.skip)
+    check_engine(cfg.engine, cfg.device)
     if cfg.aggregate not in ("median", "mean"):
         raise CpvsError(f"--aggregate must be median or mean, got {cfg.aggregate!r}")
     plate = discover_plate(cfg.plate, channel_map=cfg.channel_map, plate_name=cfg.plate_name, platemap=cfg.platemap,
@@ -238,16 +264,23 @@ def _profile_plate(cfg: ProfileConfig, plate: Plate, read, measure, out: Path, d
     jobs = [(f, read, measure, illum, cfg, cell_path(f), f.key in overlay_keys, digest) for f in todo]
     skipped: list[dict] = list(plate.skipped)
     n_written = 0
-    with process_pool(cfg.workers) if cfg.workers > 1 and len(jobs) > 1 else nullcontext() as ex:
-        results = ex.map(_field_job, jobs, chunksize=1) if ex is not None else map(_field_job, jobs)
-        for k, (key, n_cells, err) in enumerate(results):
-            if err is not None:
-                if cfg.on_error != "skip":
-                    raise CpvsError(err)
-                skipped.append({"field": key, "reason": err})
-            else:
-                n_written += 1
-            progress("fields", len(done) + k + 1, len(mine), info=f"{n_cells} cells")
+    threads = _one_thread() if cfg.engine == "cpvs" and jobs and not (cfg.workers > 1 and len(jobs) > 1) else None
+    try:
+        with process_pool(cfg.workers, _one_thread) if cfg.workers > 1 and len(jobs) > 1 else nullcontext() as ex:
+            results = ex.map(_field_job, jobs, chunksize=1) if ex is not None else map(_field_job, jobs)
+            for k, (key, n_cells, err) in enumerate(results):
+                if err is not None:
+                    if cfg.on_error != "skip":
+                        raise CpvsError(err)
+                    skipped.append({"field": key, "reason": err})
+                else:
+                    n_written += 1
+                progress("fields", len(done) + k + 1, len(mine), info=f"{n_cells} cells")
+    finally:
+        if threads is not None:
+            import torch
+
+            torch.set_num_threads(threads)
     by_key = {f.key: f for f in plate.fields}
     for item in skipped:  # other shards see it: the plate is complete without it (a rerun retries it)
         if item["field"] in by_key:

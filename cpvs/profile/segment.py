@@ -55,7 +55,12 @@ class Masks:
 
     @property
     def n(self) -> int:
-        return int(len(np.unique(self.cells)) - 1)
+        return int(np.count_nonzero(_label_counts(self.cells)[1:]))
+
+
+def _label_counts(labels: np.ndarray) -> np.ndarray:
+    """Pixels per label value 0..max (a bincount: ~10x faster than ``np.unique`` on a field)."""
+    return np.bincount(labels.ravel()) if labels.size else np.zeros(1, np.int64)
 
 
 def _threshold(image: np.ndarray, method: str) -> float:
@@ -101,9 +106,10 @@ def _drop_border(nuclei: np.ndarray, cells: np.ndarray) -> tuple[np.ndarray, np.
     touching = np.unique(np.concatenate([cells[0], cells[-1], cells[:, 0], cells[:, -1]]))
     touching = touching[touching > 0]
     if touching.size:
-        drop = np.isin(cells, touching)
-        cells = np.where(drop, 0, cells)
-        nuclei = np.where(np.isin(nuclei, touching), 0, nuclei)
+        drop = np.zeros(int(max(cells.max(), nuclei.max())) + 1, bool)  # label -> touches the border
+        drop[touching] = True
+        cells = np.where(drop[cells], 0, cells)
+        nuclei = np.where(drop[nuclei], 0, nuclei)
     return nuclei, cells
 
 
@@ -120,9 +126,10 @@ def segment_field(images: dict[str, np.ndarray], p: SegmentParams | None = None)
 def pair_objects(nuclei: np.ndarray, cells: np.ndarray) -> Masks:
     """Keep the objects that have both a nucleus and a cell, numbered 1..N in both; cytoplasm = cell − nucleus."""
     nuclei = np.where(cells == nuclei, nuclei, 0)  # a nucleus lies in its own cell
-    both = np.intersect1d(np.unique(nuclei), np.unique(cells))
+    top = int(max(cells.max(initial=0), nuclei.max(initial=0))) + 1
+    both = np.flatnonzero((np.bincount(nuclei.ravel(), minlength=top) > 0) & (np.bincount(cells.ravel(), minlength=top) > 0))
     both = both[both > 0]
-    lut = np.zeros(int(max(cells.max(), nuclei.max(), 0)) + 1, np.int32)
+    lut = np.zeros(top, np.int32)
     lut[both] = np.arange(1, len(both) + 1)
     nuclei, cells = lut[nuclei], lut[cells]
     cytoplasm = np.where(nuclei > 0, 0, cells)

@@ -44,16 +44,8 @@ from cpvs.preprocess.store import Store
 from cpvs.runinfo import file_digest, plain, write_run_record
 from cpvs.train.data import CropSampler, default_channels
 from cpvs.train.runtime import (
-    Clock,
-    MetricsTable,
-    Progress,
-    check_resume_identity,
-    prepare_run_folder,
-    run_lock,
-    rng_state,
-    set_rng_state,
-    start_run,
-    unwrap,
+    Clock, MetricsTable, Progress, check_resume_identity, prepare_run_folder,
+    run_lock, rng_state, set_rng_state, start_run, unwrap
 )
 
 

@@ -38,16 +38,8 @@ from cpvs.preprocess.store import Store
 from cpvs.runinfo import plain, write_run_record
 from cpvs.train.multicrop import CropSpec, PairSampler, views_for_batch
 from cpvs.train.runtime import (
-    Clock,
-    MetricsTable,
-    Progress,
-    check_resume_identity,
-    prepare_run_folder,
-    run_lock,
-    rng_state,
-    set_rng_state,
-    start_run,
-    unwrap,
+    Clock, MetricsTable, Progress, check_resume_identity, prepare_run_folder,
+    run_lock, rng_state, set_rng_state, start_run, unwrap
 )
 
 

@@ -28,19 +28,8 @@ from cpvs.preprocess.store import Store
 from cpvs.runinfo import plain, write_run_record
 from cpvs.train.data import CropSampler, default_channels
 from cpvs.train.runtime import (
-    BETTER,
-    Clock,
-    MetricsTable,
-    Progress,
-    check_resume_identity,
-    is_better,
-    prepare_run_folder,
-    run_lock,
-    rng_state,
-    set_rng_state,
-    start_run,
-    unwrap,
-    validate,
+    BETTER, Clock, MetricsTable, Progress, check_resume_identity, is_better,
+    prepare_run_folder, run_lock, rng_state, set_rng_state, start_run, unwrap, validate
 )
 
 FAMILIES = ("unet", "cwgan", "linear")
