@@ -295,6 +295,56 @@ def test_std_error_spearman_ranks_pixels_by_error():
     assert 0.3 < std_error_spearman(std, pred, truth) < 0.9
     assert abs(std_error_spearman(rng.uniform(size=(64, 64)), pred, truth)) < 0.1
     assert np.isnan(std_error_spearman(np.zeros((8, 8)), pred[:8, :8], truth[:8, :8]))
+    # exact values: any increasing function of |error| is 1, a decreasing one -1, and a hand-ranked case
+    err = np.abs(pred - truth)
+    assert std_error_spearman(err**2 + 1, pred, truth) == pytest.approx(1.0)
+    assert std_error_spearman(1 / (err + 1), pred, truth) == pytest.approx(-1.0)
+    # ranks of std 1 2 3 4 against |error| ranks 1 3 2 4: 1 − 6·Σd²/(n(n²−1)) = 1 − 6·2/60
+    t4 = np.zeros((2, 2))
+    assert std_error_spearman(np.array([[1, 2], [3, 4]]), np.array([[-1, 3], [2, -4]]), t4) == pytest.approx(0.8)
+    # beyond max_pixels an evenly strided subsample is ranked
+    assert std_error_spearman(err**2, pred, truth, max_pixels=500) == pytest.approx(1.0)
+
+
+def test_evaluate_images_reports_the_std_maps_spearman_per_field_and_channel(tmp_path):
+    """A predicted plate with <stain>_std maps gets std_spearman per field and channel, the Spearman
+    correlation of the map with |prediction − truth| in the files' own units; plates without maps do not."""
+    from scipy.stats import spearmanr
+
+    from cpvs.evaluate.images import evaluate_images
+    from cpvs.plate import write_image
+
+    stains = ["DNA", "ER", "RNA", "AGP", "Mito"]
+    rng = np.random.default_rng(1)
+    truth, pred, pred_plain = tmp_path / "truth", tmp_path / "pred", tmp_path / "plain"
+    for d, names in ((truth, stains), (pred, stains + [f"{c}_std" for c in stains]), (pred_plain, stains)):
+        d.mkdir()
+        (d / "channel_map.csv").write_text("channel,name\n" + "".join(f"{i + 1},{n}\n" for i, n in enumerate(names)))
+    expected = {}
+    for site in (1, 2):
+        for i, c in enumerate(stains):
+            y = rng.integers(1000, 3000, size=(48, 40)).astype(np.uint16)
+            std = rng.uniform(1, 400, size=y.shape)
+            if c == "Mito":  # a map unrelated to the error
+                x = y + rng.normal(0, 100, size=y.shape)
+            else:  # errors drawn with that std
+                x = y + std * rng.normal(size=y.shape)
+            x = np.clip(x, 0, 65535).astype(np.uint16)
+            name = f"r01c01f{site:02d}p01-ch{{}}sk1fk1fl1.tiff"
+            write_image(truth / name.format(i + 1), y)
+            for d in (pred, pred_plain):
+                write_image(d / name.format(i + 1), x)
+            write_image(pred / name.format(i + 6), std.astype(np.float32))
+            expected[(site, c)] = spearmanr(std.astype(np.float32).ravel(), np.abs(x.astype(float) - y).ravel()).statistic
+    ev = evaluate_images(pred, truth, truth_illum_size=0, workers=1)
+    assert ev.channels == stains
+    got = {(int(r.Metadata_Site), r.channel): r.std_spearman for r in ev.per_field.itertuples()}
+    assert got == pytest.approx(expected)
+    summary = ev.summary.set_index("channel")
+    assert summary.loc["DNA", "std_spearman_mean"] > 0.3 and abs(summary.loc["Mito", "std_spearman_mean"]) < 0.1
+    assert summary.loc["all", "std_spearman_mean"] == pytest.approx(np.mean(list(expected.values())))
+    plain = evaluate_images(pred_plain, truth, truth_illum_size=0, workers=1)
+    assert "std_spearman" not in plain.per_field and "std_spearman_mean" not in plain.summary
 
 
 @pytest.mark.slow
