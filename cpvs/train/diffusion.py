@@ -253,9 +253,6 @@ def _train_diffusion(cfg: DiffusionConfig, progress: Progress | None):
         start = ck["train"]["epoch"] + 1
         partial = ck["train"].get("partial")  # stopped by a signal inside epoch `start`
         metrics = MetricsTable.load(cfg.out / "metrics.parquet", ck["train"]["epoch"])
-    if dist.main:
-        write_run_record(cfg.out, "train", plain(cfg),
-                         inputs={"store": str(cfg.data)})
     if dist.world > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     hparams = {"net": net_cfg.to_dict(), "schedule": cfg.schedule, "crop": crop, "prediction": cfg.prediction}
@@ -271,6 +268,8 @@ def _train_diffusion(cfg: DiffusionConfig, progress: Progress | None):
                 label=cfg.label, data=sampler.summary(),
                 config=plain(cfg))
     val_items = sampler.val_items(max_crops=16)
+    if dist.main:  # after the setup (the target range reads up to 64 fields): the record says the loop starts
+        write_run_record(cfg.out, "train", plain(cfg), inputs={"store": str(cfg.data)})
     clock = Clock(cfg.max_minutes)
 
     def save(epoch: int, row: dict, partial: dict | None = None) -> None:
