@@ -58,17 +58,18 @@ _cpvs() {
         train)
             case "$prev" in
                 --model) _cpvs_words "unet cwgan linear ddpm classifier dino ws-dino"; return ;;
-                --data|--out|-o|--init|--init-weights) _cpvs_files; return ;;
+                --data|--out|-o|--init|--residual-of|--init-weights) _cpvs_files; return ;;
                 --inputs|--targets|--crop|--batch-size|--epochs|--steps-per-epoch|--lr|--weight-decay|--val-fraction|--seed|--max-minutes|--workers|--select|--depth|--width|--critic-steps|--lambda-l1|--lambda-gp|--critic-lr|--critic-weight-decay|--pixels|--label|--label-dropout|--ema|--channel-mult|--num-res-blocks|--attention-downsample|--head-channels|--dropout|--timesteps|--beta-start|--beta-end|--channels|--weak-label|--arch|--out-dim|--hidden-dim|--bottleneck-dim|--n-global|--global-size|--global-scale|--n-local|--local-size|--local-scale|--min-lr|--warmup-epochs|--teacher-momentum|--teacher-temp|--student-temp|--eval-every) :; return ;;
                 --precision) _cpvs_words "fp32 bf16 fp16"; return ;;
+                --prediction) _cpvs_words "eps v x0"; return ;;
                 --schedule) _cpvs_words "linear cosine"; return ;;
                 --device) _cpvs_words "auto cpu cuda"; return ;;
             esac
-            if [[ "$cur" == -* ]]; then _cpvs_words "--model --data --out -o --inputs --targets --crop --batch-size --epochs --steps-per-epoch --lr --weight-decay --val-fraction --seed --precision --resume --max-minutes --workers --select --depth --width --init --critic-steps --lambda-l1 --lambda-gp --critic-lr --critic-weight-decay --pixels --label --label-dropout --ema --channel-mult --num-res-blocks --attention-downsample --head-channels --dropout --schedule --timesteps --beta-start --beta-end --channels --weak-label --arch --init-weights --out-dim --hidden-dim --bottleneck-dim --n-global --global-size --global-scale --n-local --local-size --local-scale --min-lr --warmup-epochs --teacher-momentum --teacher-temp --student-temp --eval-every --json --help -h --quiet -q --device"
+            if [[ "$cur" == -* ]]; then _cpvs_words "--model --data --out -o --inputs --targets --crop --batch-size --epochs --steps-per-epoch --lr --weight-decay --val-fraction --seed --precision --resume --max-minutes --workers --select --depth --width --init --critic-steps --lambda-l1 --lambda-gp --critic-lr --critic-weight-decay --pixels --label --label-dropout --ema --prediction --residual-of --channel-mult --num-res-blocks --attention-downsample --head-channels --dropout --schedule --timesteps --beta-start --beta-end --channels --weak-label --arch --init-weights --out-dim --hidden-dim --bottleneck-dim --n-global --global-size --global-scale --n-local --local-size --local-scale --min-lr --warmup-epochs --teacher-momentum --teacher-temp --student-temp --eval-every --json --help -h --quiet -q --device"
             else :; fi ;;
         predict-plate)
             case "$prev" in
-                --out|-o|--checkpoint|--platemap|--classifier) _cpvs_files; return ;;
+                --out|-o|--checkpoint|--platemap|--classifier|--residual-unet) _cpvs_files; return ;;
                 --model) _cpvs_words "unet cwgan linear ddpm"; return ;;
                 --channel-map) _cpvs_words "jump"; _cpvs_files; return ;;
                 --plate-name|--batch-size|--shard|--workers|--illum-fields|--tile|--stride|--steps|--eta|--guidance|--label-col|--samples|--seed) :; return ;;
@@ -81,7 +82,7 @@ _cpvs() {
                 --field-strategy) _cpvs_words "resize tiles"; return ;;
                 --device) _cpvs_words "auto cpu cuda"; return ;;
             esac
-            if [[ "$cur" == -* ]]; then _cpvs_words "--out -o --checkpoint --model --channel-map --platemap --plate-name --batch-size --precision --dtype --format --shard --workers --illum-fields --on-error --overwrite --tile --stride --stitch --sampler --steps --eta --guidance --classifier --label-col --samples --seed --field-strategy --clip-denoised --no-clip-denoised --json --help -h --quiet -q --device"
+            if [[ "$cur" == -* ]]; then _cpvs_words "--out -o --checkpoint --model --channel-map --platemap --plate-name --batch-size --precision --dtype --format --shard --workers --illum-fields --on-error --overwrite --tile --stride --stitch --sampler --steps --eta --guidance --classifier --label-col --samples --seed --field-strategy --residual-unet --clip-denoised --no-clip-denoised --json --help -h --quiet -q --device"
             else _cpvs_files; fi ;;
         embed)
             case "$prev" in

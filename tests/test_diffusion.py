@@ -234,3 +234,171 @@ def test_ddpm_trains_and_predicts_plates_with_uncertainty(sim_root, tmp_path):
     assert r.exit_code == 0, r.output
     with pytest.raises(CpvsError, match="--classifier"):
         predict_plate(PredictConfig(plate, tmp_path / "x", tmp_path / "ddpm", guidance=1.0, device="cpu"))
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
+def test_each_parameterization_converts_its_own_target_back_to_the_clean_image_and_the_noise(prediction):
+    from cpvs.models.diffusion.prediction import to_x0_eps, training_target
+
+    gen = torch.Generator().manual_seed(0)
+    y0, noise = torch.randn(3, 2, 5, 5, generator=gen), torch.randn(3, 2, 5, 5, generator=gen)
+    gamma = torch.tensor([0.999, 0.3, 4.5e-5])
+    y_t = gamma.sqrt().view(-1, 1, 1, 1) * y0 + (1 - gamma).sqrt().view(-1, 1, 1, 1) * noise
+    x0, eps = to_x0_eps(prediction, training_target(prediction, y0, noise, gamma), y_t, gamma)
+    torch.testing.assert_close(x0, y0, rtol=1e-3, atol=2e-3)
+    torch.testing.assert_close(eps, noise, rtol=1e-3, atol=2e-3)
+    with pytest.raises(CpvsError, match="--prediction"):
+        make_sampler("ddpm", NoiseSchedule.linear(T=10), 5, prediction="score")
+
+
+@pytest.mark.parametrize("prediction", ["v", "x0"])
+def test_samplers_recover_a_known_signal_with_a_v_or_x0_oracle(prediction):
+    """An oracle network of each parameterization (the data is one known image): every sampler returns it,
+    over the published schedule and a 20-step sub-sequence, with and without the clamp."""
+    from cpvs.models.diffusion.prediction import training_target
+
+    s = NoiseSchedule.linear()
+    target = torch.randn(1, 2, 4, 4, generator=torch.Generator().manual_seed(5))
+
+    def oracle(y, t):
+        g = s.gamma(t).view(-1, 1, 1, 1)
+        noise = (y - g.sqrt() * target) / (1 - g).sqrt()
+        return training_target(prediction, target, noise, s.gamma(t))
+
+    noise = torch.randn(1, 2, 4, 4, generator=torch.Generator().manual_seed(6))
+    wide = (torch.full((1, 2, 1, 1), -10.0), torch.full((1, 2, 1, 1), 10.0))
+    for rng in (None, wide):
+        for name, steps in (("ddim", 20), ("dpmpp", 10), ("ddpm", 20)):
+            out = make_sampler(name, s, steps, x0_range=rng, prediction=prediction).sample(
+                oracle, noise, lambda i: torch.randn(1, 2, 4, 4))
+            torch.testing.assert_close(out, target, rtol=1e-3, atol=1e-3)
+
+
+def test_the_trajectory_callback_sees_every_step_and_its_clean_image():
+    s = NoiseSchedule.linear(T=100, start=1e-4, end=0.05)
+    seen = []
+    sampler = make_sampler("ddpm", s, 7, prediction="x0")
+    target = torch.ones(1, 2, 3, 3)
+    sampler.sample(lambda y, t: target, torch.randn(1, 2, 3, 3), lambda i: torch.zeros(1, 2, 3, 3),
+                   callback=lambda i, t, y, x0: seen.append((i, t, float(x0.mean()))))
+    assert [i for i, _, _ in seen] == list(range(7)) and [t for _, t, _ in seen] == sampler.steps
+    assert all(v == pytest.approx(1.0) for _, _, v in seen)
+
+
+def test_std_error_spearman_ranks_pixels_by_error():
+    from cpvs.evaluate.uncertainty import std_error_spearman
+
+    rng = np.random.default_rng(0)
+    truth = rng.normal(size=(64, 64))
+    std = rng.uniform(0.1, 2.0, size=(64, 64))
+    pred = truth + std * rng.normal(size=(64, 64))  # errors drawn with that std: the map ranks them
+    assert 0.3 < std_error_spearman(std, pred, truth) < 0.9
+    assert abs(std_error_spearman(rng.uniform(size=(64, 64)), pred, truth)) < 0.1
+    assert np.isnan(std_error_spearman(np.zeros((8, 8)), pred[:8, :8], truth[:8, :8]))
+    # exact values: any increasing function of |error| is 1, a decreasing one -1, and a hand-ranked case
+    err = np.abs(pred - truth)
+    assert std_error_spearman(err**2 + 1, pred, truth) == pytest.approx(1.0)
+    assert std_error_spearman(1 / (err + 1), pred, truth) == pytest.approx(-1.0)
+    # ranks of std 1 2 3 4 against |error| ranks 1 3 2 4: 1 − 6·Σd²/(n(n²−1)) = 1 − 6·2/60
+    t4 = np.zeros((2, 2))
+    assert std_error_spearman(np.array([[1, 2], [3, 4]]), np.array([[-1, 3], [2, -4]]), t4) == pytest.approx(0.8)
+    # beyond max_pixels an evenly strided subsample is ranked
+    assert std_error_spearman(err**2, pred, truth, max_pixels=500) == pytest.approx(1.0)
+
+
+def test_evaluate_images_reports_the_std_maps_spearman_per_field_and_channel(tmp_path):
+    """A predicted plate with <stain>_std maps gets std_spearman per field and channel, the Spearman
+    correlation of the map with |prediction − truth| in the files' own units; plates without maps do not."""
+    from scipy.stats import spearmanr
+
+    from cpvs.evaluate.images import evaluate_images
+    from cpvs.plate import write_image
+
+    stains = ["DNA", "ER", "RNA", "AGP", "Mito"]
+    rng = np.random.default_rng(1)
+    truth, pred, pred_plain = tmp_path / "truth", tmp_path / "pred", tmp_path / "plain"
+    for d, names in ((truth, stains), (pred, stains + [f"{c}_std" for c in stains]), (pred_plain, stains)):
+        d.mkdir()
+        (d / "channel_map.csv").write_text("channel,name\n" + "".join(f"{i + 1},{n}\n" for i, n in enumerate(names)))
+    expected = {}
+    for site in (1, 2):
+        for i, c in enumerate(stains):
+            y = rng.integers(1000, 3000, size=(48, 40)).astype(np.uint16)
+            std = rng.uniform(1, 400, size=y.shape)
+            if c == "Mito":  # a map unrelated to the error
+                x = y + rng.normal(0, 100, size=y.shape)
+            else:  # errors drawn with that std
+                x = y + std * rng.normal(size=y.shape)
+            x = np.clip(x, 0, 65535).astype(np.uint16)
+            name = f"r01c01f{site:02d}p01-ch{{}}sk1fk1fl1.tiff"
+            write_image(truth / name.format(i + 1), y)
+            for d in (pred, pred_plain):
+                write_image(d / name.format(i + 1), x)
+            write_image(pred / name.format(i + 6), std.astype(np.float32))
+            expected[(site, c)] = spearmanr(std.astype(np.float32).ravel(), np.abs(x.astype(float) - y).ravel()).statistic
+    ev = evaluate_images(pred, truth, truth_illum_size=0, workers=1)
+    assert ev.channels == stains
+    got = {(int(r.Metadata_Site), r.channel): r.std_spearman for r in ev.per_field.itertuples()}
+    assert got == pytest.approx(expected)
+    summary = ev.summary.set_index("channel")
+    assert summary.loc["DNA", "std_spearman_mean"] > 0.3 and abs(summary.loc["Mito", "std_spearman_mean"]) < 0.1
+    assert summary.loc["all", "std_spearman_mean"] == pytest.approx(np.mean(list(expected.values())))
+    plain = evaluate_images(pred_plain, truth, truth_illum_size=0, workers=1)
+    assert "std_spearman" not in plain.per_field and "std_spearman_mean" not in plain.summary
+
+
+@pytest.mark.slow
+def test_residual_diffusion_predicts_the_unet_plus_its_residual_and_needs_that_unet(sim_root, tmp_path):
+    """A residual checkpoint records its U-Net (path, digest, scale) and is conditioned on it; an x0-model
+    that predicts a zero residual (untrained: zero-initialized output, lr 0) gives exactly the U-Net's
+    prediction through predict-plate; a missing or different U-Net is refused by name."""
+    from cpvs.checkpoints import load_checkpoint
+    from cpvs.plate import discover_plate, discover_plates, read_image
+    from cpvs.predict.runner import PredictConfig, predict_plate
+    from cpvs.preprocess.pipeline import preprocess_plates
+    from cpvs.train.diffusion import DiffusionConfig, train_diffusion
+    from cpvs.train.staining import StainingConfig, train_staining
+
+    plates = [p for d in sorted(sim_root.glob("SIM3-P*")) for p in discover_plates(d)]
+    preprocess_plates(plates[:1], tmp_path / "s.zarr", size=(64, 64))
+    unet = dict(depth=3, width=8, crop=32, batch_size=2, steps_per_epoch=2, device="cpu", workers=1)
+    train_staining(StainingConfig("unet", tmp_path / "s.zarr", tmp_path / "unet", epochs=1, **unet))
+    train_staining(StainingConfig("unet", tmp_path / "s.zarr", tmp_path / "unet2", epochs=1, seed=1, **unet))
+    net = dict(width=16, channel_mult=(1, 2), num_res_blocks=1, attention_downsample=(2,), head_channels=16, dropout=0.0,
+               schedule={"kind": "linear", "T": 100, "start": 1e-4, "end": 0.05}, crop=32, batch_size=2, steps_per_epoch=2,
+               device="cpu", workers=1, epochs=1)
+    train_diffusion(DiffusionConfig("ddpm", tmp_path / "s.zarr", tmp_path / "res", prediction="x0", lr=0.0,
+                                    residual_of=tmp_path / "unet", **net))
+    ck = load_checkpoint(tmp_path / "res")
+    rec = ck["hparams"]["residual_of"]
+    assert ck["hparams"]["prediction"] == "x0" and ck["hparams"]["net"]["in_channels"] == 3 + 5
+    assert rec["checkpoint"].endswith(".pt") and len(rec["sha256"]) == 16 and len(rec["scale"]) == 5
+    assert all(0 < v for v in rec["scale"])
+    plate = sim_root / "SIM3-P01"
+    common = dict(device="cpu", shard=(1, 6), dtype="float32")
+    predict_plate(PredictConfig(plate, tmp_path / "p-unet", tmp_path / "unet", **common))
+    predict_plate(PredictConfig(plate, tmp_path / "p-res", tmp_path / "res", steps=5, samples=2, **common))
+    a, b = discover_plate(tmp_path / "p-unet"), discover_plate(tmp_path / "p-res")
+    for fa, fb in zip(a.fields, b.fields):
+        for c in ("DNA", "Mito"):
+            np.testing.assert_allclose(read_image(fb.files[c]), read_image(fa.files[c]), rtol=1e-4, atol=1e-2)
+            assert read_image(fb.files[f"{c}_std"]).max() == pytest.approx(0, abs=1e-3)
+    # the U-Net moved: refused with what to do; found again with --residual-unet; another U-Net is refused
+    shutil.move(tmp_path / "unet", tmp_path / "moved")
+    with pytest.raises(CpvsError, match="which is not there") as e:
+        predict_plate(PredictConfig(plate, tmp_path / "p2", tmp_path / "res", steps=2, **common))
+    assert "--residual-unet" in e.value.render()
+    predict_plate(PredictConfig(plate, tmp_path / "p3", tmp_path / "res", steps=2, residual_unet=tmp_path / "moved", **common))
+    with pytest.raises(CpvsError, match="not the U-Net this model was trained on"):
+        predict_plate(PredictConfig(plate, tmp_path / "p4", tmp_path / "res", steps=2, residual_unet=tmp_path / "unet2", **common))
+    with pytest.raises(CpvsError, match="--residual-unet"):  # a staining checkpoint
+        predict_plate(PredictConfig(plate, tmp_path / "p5", tmp_path / "moved", residual_unet=tmp_path / "unet2", **common))
+    from cpvs.predict.config import DiffusionOptions
+    from cpvs.predict.diffusion import load_residual
+
+    with pytest.raises(CpvsError, match="--residual-unet applies to residual diffusion"):  # a plain ddpm checkpoint
+        load_residual({"hparams": {}, "path": "ddpm.pt"}, DiffusionOptions(residual_unet=tmp_path / "unet2"), "cpu", "fp32")
+    # the CLI takes the new options, and refuses them for other families
+    r = runner.invoke(app, ["train", "--model", "unet", "--data", str(tmp_path / "s.zarr"), "-o", str(tmp_path / "x"),
+                            "--prediction", "v"])
+    assert r.exit_code != 0 and "--prediction" in r.output

@@ -157,10 +157,11 @@ def print_evaluation(summary: dict, extras: dict, brief: bool = False) -> None:
         ev = extras["image_metrics"]
         t = Table(title=f"image metrics over {summary['images']['n_fields']} fields (mean ± std)", title_justify="left")
         t.add_column("channel")
-        for m in ("mae", "mse", "ssim", "psnr", "pcc"):
-            t.add_column(m.upper() if m != "pcc" else "PCC", justify="right")
+        cols = ("mae", "mse", "ssim", "psnr", "pcc") + (("std_spearman",) if "std_spearman_mean" in ev else ())
+        for m in cols:
+            t.add_column({"pcc": "PCC", "std_spearman": "std~|err| ρ"}.get(m, m.upper()), justify="right")
         for _, r in ev.iterrows():
-            t.add_row(r["channel"], *[f"{r[m + '_mean']:.3f} ± {r[m + '_std']:.3f}" for m in ("mae", "mse", "ssim", "psnr", "pcc")])
+            t.add_row(r["channel"], *[f"{r[m + '_mean']:.3f} ± {r[m + '_std']:.3f}" for m in cols])
         out_console.print(t)
     if "fid" in extras:
         out_console.print("[bold]FID[/] " + ", ".join(f"{k} {v:.2f}" for k, v in extras["fid"].items()))

@@ -26,6 +26,7 @@ from cpvs.train.staining import StainingConfig
 
 
 Model = choices("Model", "unet cwgan linear ddpm classifier dino ws-dino")
+Prediction = choices("Prediction", "eps v x0")
 
 
 STAINING, DIFFUSION, DINO = ("unet", "cwgan", "linear"), ("ddpm", "classifier"), ("dino", "ws-dino")
@@ -46,7 +47,7 @@ APPLIES = {
                          "global_scale", "n_local", "local_size", "local_scale", "min_lr", "warmup_epochs", "teacher_momentum",
                          "teacher_temp", "student_temp", "eval_every")},
     "weak_label": ("ws-dino",),
-    "label": DIFFUSION, "label_dropout": ("ddpm",), "ema": ("ddpm",),
+    "label": DIFFUSION, "label_dropout": ("ddpm",), "ema": ("ddpm",), "prediction": ("ddpm",), "residual_of": ("ddpm",),
     **{k: DIFFUSION for k in ("channel_mult", "num_res_blocks", "attention_downsample", "head_channels", "dropout", "schedule",
                               "timesteps", "beta_start", "beta_end")},
 }
@@ -110,8 +111,9 @@ def build_config(model: str, data: Path, out: Path, device: str, given: dict):
     for key in ("inputs", "targets", "channels"):
         if key in g:
             g[key] = parse_channels(g[key])
-    if "precision" in g:
-        g["precision"] = g["precision"].value
+    for key in ("precision", "prediction"):
+        if key in g:
+            g[key] = g[key].value
     if model in STAINING:
         return StainingConfig(model, data, out, device=device, **g)
     if model in DIFFUSION:
@@ -171,6 +173,8 @@ def train(
     label: Annotated[Optional[str], typer.Option(metavar="COLUMN", help="Class column the ddpm is conditioned on (e.g. Metadata_Perturbation; 'none' for none); classifier: the classes.", rich_help_panel=P_DIFF)] = None,
     label_dropout: Annotated[Optional[float], typer.Option(help=_h("ddpm: fraction of labels replaced by the null class during training.", "label_dropout"), rich_help_panel=P_DIFF)] = None,
     ema: Annotated[Optional[float], typer.Option(help=_h("ddpm: EMA decay of the sampling weights (with warm-up).", "ema"), rich_help_panel=P_DIFF)] = None,
+    prediction: Annotated[Optional[Prediction], typer.Option(help=_h("ddpm: what the network predicts: the noise (eps, published), v = √γ·ε − √(1−γ)·y, or the clean stains (x0).", "prediction"), rich_help_panel=P_DIFF)] = None,
+    residual_of: Annotated[Optional[Path], typer.Option(metavar="RUN|FILE", help="ddpm: a U-Net run (or checkpoint); diffuse only the residual of its prediction, conditioned on brightfield and the U-Net's prediction (predict-plate adds the U-Net back).", rich_help_panel=P_DIFF)] = None,
     channel_mult: Annotated[Optional[str], typer.Option(metavar="N,...", help=_h("Width multipliers per level.", "channel_mult"), rich_help_panel=P_DIFF)] = None,
     num_res_blocks: Annotated[Optional[int], typer.Option(help=_h("Residual blocks per level.", "num_res_blocks"), rich_help_panel=P_DIFF)] = None,
     attention_downsample: Annotated[Optional[str], typer.Option(metavar="N,...", help=_h("Down-sampling factors with self-attention.", "attention_downsample"), rich_help_panel=P_DIFF)] = None,

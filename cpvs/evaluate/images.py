@@ -2,7 +2,9 @@
 
 Fields are paired by (well, site). The ground truth is illumination-corrected per
 plate and channel the way ``cpvs preprocess`` does it (predictions are made in
-that corrected space), unless ``truth_illum_size`` is 0.
+that corrected space), unless ``truth_illum_size`` is 0. A prediction with
+``<channel>_std`` maps (diffusion, ``--samples K``) also gets ``std_spearman``: the
+Spearman correlation of the std map with the absolute error, per field and channel.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from cpvs.errors import CpvsError
+from cpvs.evaluate.uncertainty import std_error_spearman
 from cpvs.jobs import thread_pool
 from cpvs.image_metrics import METRICS, image_metrics
 from cpvs.plate.channels import FLUORESCENCE
@@ -34,7 +37,7 @@ def summarize(per_field: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for ch, g in list(per_field.groupby("channel", sort=False)) + [("all", per_field)]:
         row = {"channel": ch, "n": len(g)}
-        for m in METRICS:
+        for m in METRICS + (("std_spearman",) if "std_spearman" in per_field else ()):
             row[f"{m}_mean"] = float(g[m].mean())
             row[f"{m}_std"] = float(g[m].std(ddof=0))
         rows.append(row)
@@ -79,8 +82,11 @@ def evaluate_images(pred: str | Path, truth: str | Path, channels: list[str] | N
             x = read_image(p.files[c]).astype(np.float64)
             if x.shape != y.shape:
                 raise CpvsError(f"prediction is {x.shape[0]}x{x.shape[1]} px, ground truth {y.shape[0]}x{y.shape[1]}", p.files[c])
-            rows.append({"Metadata_Plate": t.plate, "Metadata_Well": t.well, "Metadata_Site": t.site, "channel": c,
-                         **image_metrics(y, x)})
+            row = {"Metadata_Plate": t.plate, "Metadata_Well": t.well, "Metadata_Site": t.site, "channel": c,
+                   **image_metrics(y, x)}
+            if f"{c}_std" in p.files:  # uncertainty maps: do they rank pixels by error?
+                row["std_spearman"] = std_error_spearman(read_image(p.files[f"{c}_std"]), x, y)
+            rows.append(row)
         return rows
 
     rows = []

@@ -175,7 +175,9 @@ def _discover_folder(folder: Path, channel_map, channels, plate_name, on_error) 
         if unmapped:
             warn(f"the files have channel(s) {', '.join(f'ch{c}' for c in unmapped)} that channel map {cmap.source} does not name; "
                  "they are left out", folder, "name them in the channel map (e.g. '6=RNA'), or pass --channels to choose on purpose")
-        odd = [n for n in cmap.names if n not in FLUORESCENCE + BRIGHTFIELD and n in wanted]
+        # <stain>_std: the uncertainty maps predict-plate --samples K writes beside the stains
+        odd = [n for n in cmap.names if n not in FLUORESCENCE + BRIGHTFIELD and n.removesuffix("_std") not in FLUORESCENCE
+               and n in wanted]
         if odd:
             warn(f"channel name(s) {', '.join(odd)} of channel map {cmap.source} are not the names cpvs models use "
                  f"({', '.join(FLUORESCENCE + BRIGHTFIELD)}); models and evaluations will not find them under another name",

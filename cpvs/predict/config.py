@@ -34,6 +34,7 @@ class DiffusionOptions:
     samples: int = 1
     seed: int = 0
     field_strategy: str = "resize"
+    residual_unet: Path | None = None  # residual diffusion: the U-Net, when it moved from the path the checkpoint records
 
 
 BATCH_SIZE = {"staining": 16, "diffusion": 4}  # tiles per call; fields (x samples) per call
@@ -72,6 +73,7 @@ class PredictConfig:
     samples: int | None = None
     seed: int | None = None
     field_strategy: str | None = None
+    residual_unet: Path | None = None
 
     def given(self, options: type) -> list[str]:
         return [f.name for f in fields(options) if getattr(self, f.name) is not None]

@@ -17,6 +17,12 @@ field and writes their per-pixel mean (the prediction) and standard deviation
 random number of a field comes from a generator seeded by (seed, field, sample),
 so results do not depend on batching, sharding or resuming. Classifier guidance
 works with both strategies.
+
+Residual diffusion (a checkpoint trained with ``--residual-of``): the U-Net named in the
+checkpoint (its file and digest; ``residual_unet`` points elsewhere when it moved) is
+loaded through the registry, predicts the field by its own tiles (256², stride 128,
+median), the network is conditioned on the planes and that prediction, and each sample
+is u(x) + scale · residual. The std maps are the samples' spread around u(x).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from __future__ import annotations
 import hashlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -35,7 +42,8 @@ from cpvs.models import load_model
 from cpvs.models.diffusion.samplers import make_sampler
 from cpvs.plate.layout import Field
 from cpvs.predict.config import DiffusionOptions, TileOptions
-from cpvs.predict.tiling import stitch, tile_grid
+from cpvs.predict.tiling import extract_tiles, pad_to_tile, stitch, tile_grid
+from cpvs.runinfo import file_digest
 
 
 def written_channels(cfg, outputs: list[str]) -> list[str]:
@@ -61,6 +69,59 @@ def x0_range(ck: dict, outputs: list[str], device) -> tuple[torch.Tensor, torch.
         return None
     as_t = lambda v: torch.tensor(v, dtype=torch.float32, device=device).view(1, -1, 1, 1)  # noqa: E731
     return as_t(lo), as_t(hi)
+
+
+@dataclass
+class Residual:
+    """The U-Net of a residual diffusion checkpoint and the residual's per-channel scale."""
+
+    net: torch.nn.Module
+    scale: np.ndarray  # (C, 1, 1)
+    device: object
+    precision: str
+    batch_size: int = 16
+
+    @torch.no_grad()
+    def base(self, x: np.ndarray) -> np.ndarray:
+        """u(x) of a normalized (C_in, h, w) field: overlapping 256² tiles (stride 128), median-stitched,
+        as predict-plate runs the U-Net."""
+        t = TileOptions()
+        padded, (h, w) = pad_to_tile(x, t.tile)
+        corners = tile_grid(padded.shape[1:], t.tile, t.stride)
+        tiles = extract_tiles(padded, corners, t.tile)
+        out = []
+        for i in range(0, len(tiles), self.batch_size):
+            with autocast(self.device, self.precision):
+                out.append(self.net(torch.from_numpy(tiles[i : i + self.batch_size]).to(self.device)).float().cpu().numpy())
+        return stitch(np.concatenate(out), padded.shape[1:], t.tile, t.stride, t.stitch)[:, :h, :w]
+
+    def add(self, base: np.ndarray, residual: np.ndarray) -> np.ndarray:
+        return base + self.scale * residual
+
+
+def load_residual(ck: dict, opts: DiffusionOptions, device, precision: str) -> Residual | None:
+    """The U-Net a residual diffusion checkpoint was trained on (None for a plain one); refused when it is
+    missing or is not the same file (its digest is recorded)."""
+    rec = ck["hparams"].get("residual_of")
+    if not rec:
+        if opts.residual_unet is not None:
+            raise CpvsError("--residual-unet applies to residual diffusion checkpoints (trained with --residual-of); "
+                            "this one diffuses the stains themselves", ck["path"], "drop --residual-unet")
+        return None
+    path = Path(opts.residual_unet) if opts.residual_unet is not None else Path(rec["checkpoint"])
+    if not path.exists():
+        raise CpvsError(f"this ddpm checkpoint diffuses the residual of the U-Net {rec['checkpoint']}, which is not there"
+                        + (f" (--residual-unet {path})" if opts.residual_unet is not None else ""), ck["path"],
+                        "put that U-Net run back, or pass --residual-unet with where it is now (its digest is checked)")
+    unet = load_model(path, device, roles=("staining",), option="--residual-unet")
+    digest = file_digest(unet.path)
+    if digest != rec["sha256"]:
+        raise CpvsError(f"{unet.path} is not the U-Net this model was trained on (sha256 {digest}, the checkpoint records "
+                        f"{rec['sha256']})", ck["path"], "pass --residual-unet with the U-Net checkpoint the model was trained with")
+    if unet.checkpoint["inputs"] != ck["inputs"] or unet.checkpoint["outputs"] != ck["outputs"]:
+        raise CpvsError("the U-Net's channels differ from the diffusion model's", unet.path)
+    scale = np.asarray(rec["scale"], dtype=np.float32)[:, None, None]
+    return Residual(unet.net, scale, device, precision)
 
 
 def _pad_to(x: np.ndarray, multiple: int) -> np.ndarray:
@@ -127,7 +188,12 @@ def run(job, progress) -> tuple[int, list[dict], dict]:
     net, device, ck, outputs = job.model.net, job.device, job.model.checkpoint, job.outputs
     schedule = job.model.schedule()
     sampler = make_sampler(opts.sampler, schedule, opts.steps, opts.eta,
-                           x0_range(ck, outputs, device) if opts.clip_denoised else None)
+                           x0_range(ck, outputs, device) if opts.clip_denoised else None,
+                           prediction=ck["hparams"].get("prediction", "eps"))
+    residual = load_residual(ck, opts, device, cfg.precision)
+    if residual is not None and opts.guidance:
+        raise CpvsError("classifier guidance is not available for residual diffusion (the classifier sees stains, the "
+                        "model diffuses residuals)", ck["path"], "drop --guidance")
     cond = _conditioning(job, opts)
     plan = job.plan
     info = f"{opts.sampler} {len(sampler.steps)} steps" + (", tiles" if opts.field_strategy == "tiles" else "")
@@ -135,13 +201,13 @@ def run(job, progress) -> tuple[int, list[dict], dict]:
     def sample_batch(x: torch.Tensor, labels: torch.Tensor, noise_of: Callable[[], torch.Tensor]) -> torch.Tensor:
         """Run the sampler on a batch; ``noise_of()`` draws the batch's next noise (y_T first, then each step's)."""
 
-        def eps_fn(y, t):
+        def model_fn(y, t):
             with autocast(device, cfg.precision):
                 return net(x, y, schedule.gamma(t), labels).float()
 
         noise0 = noise_of()
         with torch.inference_mode(False), torch.no_grad():
-            return sampler.sample(eps_fn, noise0, lambda _i: noise_of(), cond.grad_fn(labels, schedule, device), opts.guidance)
+            return sampler.sample(model_fn, noise0, lambda _i: noise_of(), cond.grad_fn(labels, schedule, device), opts.guidance)
 
     def finish(f: Field, native, work_shape, samples_arr: np.ndarray) -> None:
         """(K, C, h, w) samples at work resolution -> mean (and std) TIFFs at native size."""
@@ -167,7 +233,7 @@ def run(job, progress) -> tuple[int, list[dict], dict]:
             for start in range(0, len(plan.todo), job.batch_size):
                 chunk = [(f, r) for f in plan.todo[start : start + job.batch_size] if (r := read(f)) is not None]
                 if chunk:
-                    _sample_resized(chunk, job, opts, cond, sample_batch, finish, writer)
+                    _sample_resized(chunk, job, opts, cond, sample_batch, finish, writer, residual)
                 written += len(chunk)
                 progress("fields", len(plan.done) + written, len(plan.fields), info=info)
         else:
@@ -178,8 +244,11 @@ def run(job, progress) -> tuple[int, list[dict], dict]:
                 if r is None:
                     continue
                 x, native = r
-                samples = [_sample_tiles(x, f, k, cond.class_of(f), job, opts, tiles, sample_batch) for k in range(opts.samples)]
-                finish(f, native, x.shape[1:], np.stack(samples))
+                base = residual.base(x) if residual is not None else None
+                xc = np.concatenate([x, base]) if base is not None else x
+                samples = np.stack([_sample_tiles(xc, f, k, cond.class_of(f), job, opts, tiles, sample_batch)
+                                    for k in range(opts.samples)])
+                finish(f, native, x.shape[1:], residual.add(base, samples) if residual is not None else samples)
                 written += 1
                 progress("fields", len(plan.done) + written, len(plan.fields), info=info)
     finally:
@@ -187,10 +256,13 @@ def run(job, progress) -> tuple[int, list[dict], dict]:
     return written, skipped, {"label_column": cond.label_col}
 
 
-def _sample_resized(chunk, job, opts, cond: Conditioning, sample_batch, finish, writer) -> None:
+def _sample_resized(chunk, job, opts, cond: Conditioning, sample_batch, finish, writer, residual: Residual | None = None) -> None:
     """Whole fields at the model's resolution, K samples each, in one batch."""
     net, device, n_out = job.model.net, job.device, len(job.outputs)
     work = [_pad_to(x, net.multiple) for _, (x, _) in chunk]
+    bases = [residual.base(w) for w in work] if residual is not None else None
+    if bases is not None:
+        work = [np.concatenate([w, b]) for w, b in zip(work, bases)]
     if len({w.shape for w in work}) > 1:
         raise CpvsError("fields of one plate differ in size", job.cfg.plate)
     xs, labels, gens, shapes = [], [], [], []
@@ -205,6 +277,8 @@ def _sample_resized(chunk, job, opts, cond: Conditioning, sample_batch, finish, 
         return torch.stack([torch.randn(s, generator=g) for g, s in zip(gens, shapes)]).to(device)
 
     y = sample_batch(torch.stack(xs).to(device), torch.tensor(labels, device=device), noise_of).cpu().numpy()
+    if bases is not None:
+        y = np.concatenate([residual.add(b, y[j * opts.samples : (j + 1) * opts.samples]) for j, b in enumerate(bases)])
     futures = [writer.submit(finish, f, native, x.shape[1:], y[j * opts.samples : (j + 1) * opts.samples])
                for j, (f, (x, native)) in enumerate(chunk)]
     for fut in futures:

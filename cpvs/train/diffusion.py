@@ -1,12 +1,19 @@
 """Training the class-guided image-to-image diffusion model and its guidance classifier (METHODS §5).
 
-``ddpm``: ε-prediction with an L2 loss at a uniformly drawn step, random flips and
-90° rotations (p = 0.5 each, the same for condition and target), Adam 8e-5, EMA
-weights for sampling. With ``label``, each crop carries its field's class (e.g.
+``ddpm``: ε-prediction (or ``prediction`` v or x₀, :mod:`cpvs.models.diffusion.prediction`)
+with an L2 loss at a uniformly drawn step, random flips and 90° rotations (p = 0.5 each,
+the same for condition and target), Adam 8e-5, EMA weights for sampling. With ``label``, each crop carries its field's class (e.g.
 ``Metadata_Perturbation``); a fraction ``label_dropout`` of labels is replaced by
 the null class so the model also learns to sample without one.
 
 ``classifier``: p(k | y_t) on noisy stains at random steps, cross-entropy.
+
+``residual_of`` (a U-Net run): **residual diffusion** (as CorrDiff, Mardani et al. 2023). The
+frozen U-Net's prediction u(x) is computed for every crop (with 64 px of context around it,
+as its tiles see at prediction time); the network is conditioned on the brightfield planes
+and u(x), and diffuses only the residual (y − u(x)) / scale, with a per-channel scale (the
+residual's std on training crops) so the residual has unit variance like the noise. The
+checkpoint records the U-Net's file, digest and the scale; predict-plate adds u(x) back.
 
 The EMA uses the usual warm-up, decay_t = min(decay, (1 + t) / (10 + t)), so a
 short run still ends with useful averaged weights; long runs reach the published
@@ -28,11 +35,13 @@ from cpvs.checkpoints import load_checkpoint, save_checkpoint
 from cpvs.device import autocast
 from cpvs.errors import CpvsError
 from cpvs.jobs import graceful_stop
+from cpvs.models import load_model
 from cpvs.models.diffusion.classifier import NoisyClassifier
+from cpvs.models.diffusion.prediction import check_prediction, training_target
 from cpvs.models.diffusion.schedule import NoiseSchedule
 from cpvs.models.diffusion.unet import DiffusionUNet, DiffusionUNetConfig
 from cpvs.preprocess.store import Store
-from cpvs.runinfo import plain, write_run_record
+from cpvs.runinfo import file_digest, plain, write_run_record
 from cpvs.train.data import CropSampler, default_channels
 from cpvs.train.runtime import (
     Clock, MetricsTable, Progress, check_resume_identity, prepare_run_folder,
@@ -65,6 +74,8 @@ class DiffusionConfig:
     head_channels: int = 32
     dropout: float = 0.2
     schedule: dict = field(default_factory=lambda: dict(DEFAULT_SCHEDULE))
+    prediction: str = "eps"  # what the network predicts: eps (published), v or x0
+    residual_of: Path | None = None  # a U-Net run: diffuse the residual of its prediction
     val_fraction: float = 0.1
     seed: int = 0
     precision: str = "bf16"
@@ -78,7 +89,7 @@ class DiffusionConfig:
                                    tuple(self.attention_downsample), self.head_channels, self.dropout, n_classes)
 
     def identity(self) -> dict:
-        d = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+        d = {k: (list(v) if isinstance(v, tuple) else str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
         for k in ("out", "resume", "max_minutes", "epochs", "device", "workers", "data"):
             d.pop(k)
         return d
@@ -132,6 +143,66 @@ def class_table(store: Store, label: str | None) -> tuple[list[str], dict[int, i
     return classes, {i: index.get(v, -1) for i, v in enumerate(values)}
 
 
+CONTEXT = 64  # px of context the U-Net sees around a training crop (its tiles have 64+ px around their centre)
+
+
+class ResidualBase:
+    """The frozen U-Net of residual diffusion on training crops: u(x) for each crop, computed on
+    the crop plus up to ``CONTEXT`` px around it (inside the field), so crop borders see what
+    the U-Net's tiles see at prediction time."""
+
+    def __init__(self, run: Path, store: Store, inputs: list[str] | None, targets: list[str] | None, device):
+        self.loaded = load_model(run, device, roles=("staining",), option="--residual-of")
+        ck = self.loaded.checkpoint
+        self.inputs, self.outputs, self.device, self.store = list(ck["inputs"]), list(ck["outputs"]), device, store
+        if inputs and list(inputs) != self.inputs:
+            raise CpvsError(f"--inputs {','.join(inputs)} differ from the U-Net's inputs {','.join(self.inputs)}", run,
+                            "drop --inputs: residual diffusion uses the U-Net's inputs")
+        if targets and list(targets) != self.outputs:
+            raise CpvsError(f"--targets {','.join(targets)} differ from the U-Net's outputs {','.join(self.outputs)}", run,
+                            "drop --targets: residual diffusion predicts what the U-Net predicts")
+        store.channel_index(self.inputs + self.outputs)  # raises for channels the store lacks
+        mine, theirs = store.normalization(self.inputs + self.outputs), ck["normalization"]
+        for key in ("illum_size", "size", "resize_method", "clip"):
+            if mine.get(key) != theirs.get(key):
+                raise CpvsError(f"the store was preprocessed with {key} {mine.get(key)}, the U-Net's store with "
+                                f"{theirs.get(key)}", store.path, "preprocess the store as the U-Net's was")
+        self.multiple = 2 ** (ck["hparams"].get("depth", 6) - 1)
+        self.record = {"checkpoint": str(Path(ck["path"]).resolve()), "sha256": file_digest(ck["path"]),
+                       "family": self.loaded.family}
+
+    @torch.no_grad()
+    def __call__(self, items: list[tuple[int, int, int]], crop: int) -> torch.Tensor:
+        """(B, C_out, crop, crop): the U-Net's prediction of each crop (field, y, x)."""
+        h, w = self.store.shape
+        side = -(-(crop + 2 * CONTEXT) // self.multiple) * self.multiple
+        rh, rw = min(side, h), min(side, w)
+        regions, offsets = [], []
+        for f, y, x in items:
+            y0, x0 = min(max(0, y - CONTEXT), h - rh), min(max(0, x - CONTEXT), w - rw)
+            regions.append(self.store.read_crop(f, y0, x0, (rh, rw), self.inputs))
+            offsets.append((y - y0, x - x0))
+        batch = np.stack(regions)
+        ph, pw = (-rh) % self.multiple, (-rw) % self.multiple
+        if ph or pw:
+            batch = np.pad(batch, ((0, 0), (0, 0), (0, ph), (0, pw)), mode="reflect")
+        out = self.loaded.net(torch.from_numpy(batch).to(self.device)).float()
+        return torch.stack([o[:, dy : dy + crop, dx : dx + crop] for o, (dy, dx) in zip(out, offsets)])
+
+
+def residual_stats(base: ResidualBase, sampler: CropSampler, crop: int, batch: int = 8, batches: int = 4) -> tuple[np.ndarray, dict]:
+    """Per-channel std of the U-Net's residual y − u(x) on fixed training crops (the scale that gives the
+    diffused residual unit variance) and the [min, max] of the scaled residual (the sampler's clamp)."""
+    res = []
+    for items in sampler.plan_epoch(0, batches, batch):  # epoch 0 is never trained: a fixed draw
+        _, y = sampler.read(items)
+        res.append(torch.from_numpy(y).to(base.device) - base(items, crop))
+    r = torch.cat(res).transpose(0, 1).reshape(len(base.outputs), -1).cpu().numpy().astype(np.float64)
+    scale = np.maximum(r.std(axis=1), 1e-3)
+    lo, hi = (r.min(axis=1) / scale), (r.max(axis=1) / scale)
+    return scale, {c: [float(a), float(b)] for c, a, b in zip(base.outputs, lo, hi)}
+
+
 def train_diffusion(cfg: DiffusionConfig, progress: Progress | None = None):
     """Train the ddpm or its guidance classifier; SIGINT/SIGTERM stop after the current step with a
     resumable checkpoint of that step."""
@@ -145,14 +216,19 @@ def _train_diffusion(cfg: DiffusionConfig, progress: Progress | None):
     if cfg.model not in ("ddpm", "classifier"):
         raise CpvsError(f"unknown diffusion family {cfg.model!r}")
     progress = progress or (lambda *a, **k: None)
+    check_prediction(cfg.prediction)
+    if cfg.model == "classifier" and (cfg.residual_of is not None or cfg.prediction != "eps"):
+        raise CpvsError("--residual-of and --prediction are ddpm options; the guidance classifier does not use them")
     dist, device, store = start_run(cfg.precision, cfg.device, cfg.data)
-    inputs, targets = default_channels(store, cfg.inputs, cfg.targets)
+    base = ResidualBase(cfg.residual_of, store, cfg.inputs, cfg.targets, device) if cfg.residual_of is not None else None
+    inputs, targets = (base.inputs, base.outputs) if base else default_channels(store, cfg.inputs, cfg.targets)
     if cfg.model == "classifier" and not cfg.label:
         raise CpvsError("the guidance classifier needs --label (the class column, e.g. Metadata_Perturbation)")
     classes, label_of = class_table(store, cfg.label)
     schedule = NoiseSchedule.from_spec(cfg.schedule)
     crop = min(cfg.crop, *store.shape)
-    net_cfg = cfg.net_config(len(inputs), len(targets), len(classes))
+    # residual diffusion also sees the U-Net's prediction: the condition is the inputs and u(x)
+    net_cfg = cfg.net_config(len(inputs) + (len(targets) if base else 0), len(targets), len(classes))
     torch.manual_seed(cfg.seed + dist.rank)
     model = (DiffusionUNet(net_cfg) if cfg.model == "ddpm" else NoisyClassifier(net_cfg, len(classes))).to(device)
     multiple = 2 ** (len(cfg.channel_mult) - 1)
@@ -179,9 +255,16 @@ def _train_diffusion(cfg: DiffusionConfig, progress: Progress | None):
         metrics = MetricsTable.load(cfg.out / "metrics.parquet", ck["train"]["epoch"])
     if dist.world > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    meta = dict(family=cfg.model, hparams={"net": net_cfg.to_dict(), "schedule": cfg.schedule, "crop": crop},
+    hparams = {"net": net_cfg.to_dict(), "schedule": cfg.schedule, "crop": crop, "prediction": cfg.prediction}
+    if base is not None:
+        scale, rng = residual_stats(base, sampler, crop)
+        hparams["residual_of"] = base.record | {"scale": scale.tolist()}
+        base.scale = torch.tensor(scale, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    else:
+        rng = target_range(store, targets)
+    meta = dict(family=cfg.model, hparams=hparams,
                 inputs=inputs, outputs=targets, normalization=store.normalization(inputs + targets),
-                target_range=target_range(store, targets), classes=classes,
+                target_range=rng, classes=classes,
                 label=cfg.label, data=sampler.summary(),
                 config=plain(cfg))
     val_items = sampler.val_items(max_crops=16)
@@ -197,15 +280,23 @@ def _train_diffusion(cfg: DiffusionConfig, progress: Progress | None):
 
     with graceful_stop(dist.world == 1) as stop:
         epochs_done, stopped = _epochs(cfg, start, partial, sampler, schedule, model, ema, opt, label_of, classes, device,
-                                       dist, metrics, clock, val_items, progress, save, stop)
+                                       dist, metrics, clock, val_items, progress, save, stop, base)
         stop.check()
     frame = metrics.frame()
     return TrainResult(cfg.out, cfg.model, sum(p.numel() for p in ema.parameters()), epochs_done, None,
                        frame.iloc[-1].to_dict() if len(frame) else {}, frame, str(device), stopped)
 
 
+def residual_batch(base: ResidualBase | None, items, x: torch.Tensor, y: torch.Tensor, crop: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(condition, diffusion target) of a batch: (x, y), or for residual diffusion ([x, u(x)], (y − u(x)) / scale)."""
+    if base is None:
+        return x, y
+    u = base(items, crop)
+    return torch.cat([x, u], 1), (y - u) / base.scale
+
+
 def _epochs(cfg, start, partial, sampler, schedule, model, ema, opt, label_of, classes, device, dist, metrics, clock,
-            val_items, progress, save, stop) -> tuple[int, bool]:
+            val_items, progress, save, stop, base=None) -> tuple[int, bool]:
     """The training epochs from ``start`` (from inside it when ``partial``); (epochs done, stopped by the clock)."""
     total = cfg.epochs * cfg.steps_per_epoch
     epochs_done, stopped = start - 1, False
@@ -223,8 +314,8 @@ def _epochs(cfg, start, partial, sampler, schedule, model, ema, opt, label_of, c
                 save(epoch - 1, {"step": (epoch - 1) * cfg.steps_per_epoch + step},
                      {"epoch": epoch, "step": step, "losses": losses, "gen": gen.get_state()})
                 stop.check()
-            x, y = augment(torch.from_numpy(xb), torch.from_numpy(yb), gen)
-            x, y = x.to(device), y.to(device)
+            x, y = residual_batch(base, items, torch.from_numpy(xb).to(device), torch.from_numpy(yb).to(device), xb.shape[-1])
+            x, y = augment(x, y, gen)
             t = torch.randint(0, schedule.T, (len(x),), generator=gen).to(device)
             noise = torch.randn(y.shape, generator=gen).to(device)
             y_t = schedule.q_sample(y, t, noise)
@@ -236,7 +327,8 @@ def _epochs(cfg, start, partial, sampler, schedule, model, ema, opt, label_of, c
                         labels = torch.tensor([label_of[f] for f, _, _ in items], dtype=torch.long)
                         drop = torch.rand(len(labels), generator=gen) < cfg.label_dropout
                         labels = torch.where(drop, torch.full_like(labels, -1), labels).to(device)
-                    loss = F.mse_loss(model(x, y_t, gamma, labels).float(), noise)
+                    target = training_target(cfg.prediction, y, noise, gamma)
+                    loss = F.mse_loss(model(x, y_t, gamma, labels).float(), target)
                 else:
                     labels = torch.tensor([label_of[f] for f, _, _ in items], dtype=torch.long).to(device)
                     keep = labels >= 0
@@ -253,7 +345,7 @@ def _epochs(cfg, start, partial, sampler, schedule, model, ema, opt, label_of, c
         row = {"epoch": epoch, "step": epoch * cfg.steps_per_epoch, "seconds": round(clock.elapsed, 2),
                "loss": float(np.mean(losses)) if losses else float("nan")}
         if dist.main:
-            row["val_loss"] = _validate(ema, sampler, val_items, schedule, cfg, label_of, device)
+            row["val_loss"] = _validate(ema, sampler, val_items, schedule, cfg, label_of, device, base)
             metrics.append(row)
             save(epoch, row)
         dist.barrier()
@@ -276,11 +368,12 @@ def target_range(store: Store, targets: list[str], max_fields: int = 64) -> dict
 
 
 @torch.no_grad()
-def _validate(ema, sampler, items, schedule, cfg, label_of, device) -> float:
+def _validate(ema, sampler, items, schedule, cfg, label_of, device, base=None) -> float:
     """The training objective of the EMA weights on fixed validation crops, steps and noise."""
     if not items:
         return float("nan")
     x, y = (torch.from_numpy(a).to(device) for a in sampler.read(items))
+    x, y = residual_batch(base, items, x, y, x.shape[-1])
     gen = torch.Generator().manual_seed(cfg.seed)
     t = torch.linspace(0, schedule.T - 1, len(x)).long().to(device)
     noise = torch.randn(y.shape, generator=gen).to(device)
@@ -288,7 +381,8 @@ def _validate(ema, sampler, items, schedule, cfg, label_of, device) -> float:
     with autocast(device, cfg.precision):
         if cfg.model == "ddpm":
             labels = torch.tensor([label_of.get(f, -1) for f, _, _ in items], dtype=torch.long).to(device) if label_of else None
-            return float(F.mse_loss(ema(x, y_t, schedule.gamma(t), labels).float(), noise))
+            target = training_target(cfg.prediction, y, noise, schedule.gamma(t))
+            return float(F.mse_loss(ema(x, y_t, schedule.gamma(t), labels).float(), target))
         labels = torch.tensor([label_of[f] for f, _, _ in items], dtype=torch.long).to(device)
         keep = labels >= 0
         if not keep.any():
