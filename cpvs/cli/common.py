@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import logging
 import os
 import sys
 import warnings
@@ -78,6 +79,9 @@ def cli_errors(fn: Callable) -> Callable:
         except KeyboardInterrupt as e:
             code = e.exit_code if isinstance(e, Interrupted) else 130
             what = "terminated" if code == 143 else "interrupted"
+            # A zarr read in flight keeps running in zarr's own event-loop thread; at exit its tasks are
+            # abandoned and asyncio logs them with tracebacks. Nothing was being written: silence that.
+            logging.getLogger("asyncio").disabled = True
             err_console.print(f"[yellow]{what}:[/] rerun the same command to resume; finished work is kept.")
             raise typer.Exit(code) from None
 
