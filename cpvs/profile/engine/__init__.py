@@ -62,15 +62,18 @@ def _objects(labels: torch.Tensor, n: int):
 
 @contextmanager
 def _timed(timings: dict[str, float] | None, name: str, device: torch.device):
-    """Adds the seconds spent in the block to ``timings[name]`` (when timings are asked for)."""
+    """Adds the seconds spent in the block to ``timings[name]`` (when timings are asked for): CPU
+    seconds of the process on a CPU device (on a busy machine its wall time says little), wall
+    seconds on a GPU."""
     if timings is None:
         yield
         return
-    t = time.perf_counter()
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
+    t = clock()
     yield
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    timings[name] = timings.get(name, 0.0) + time.perf_counter() - t
+    timings[name] = timings.get(name, 0.0) + clock() - t
 
 
 def _hulls(labels: torch.Tensor, n: int):
@@ -118,7 +121,7 @@ def measure_field(images: dict[str, np.ndarray], masks: Masks, channels: list[st
     corr = on("correlation") and len(channels) > 1
     labels_of = {"Nuclei": masks.nuclei, "Cells": masks.cells, "Cytoplasm": masks.cytoplasm}
 
-    cols: dict[str, np.ndarray] = {"ObjectNumber": np.arange(1, n + 1)}
+    cols: dict[str, np.ndarray] = {}
     for comp in COMPARTMENTS:
         full = np.asarray(labels_of[comp])
         blocks: dict[str, np.ndarray] = {}
@@ -136,10 +139,13 @@ def measure_field(images: dict[str, np.ndarray], masks: Masks, channels: list[st
             res = _measure_objects(obj, labels, m, imgs, channels, on, corr, (texture, granularity, radial), timings, dev)
             blank = ~obj.present.cpu().numpy()
             for k, v in res.items():
-                v = _numpy(v).copy()
-                v[blank] = np.nan
-                blocks.setdefault(cellprofiler_name(comp, k), np.full(n, np.nan))[lo - 1:hi - 1] = v
+                block = blocks.get(k)
+                if block is None:
+                    block = blocks[k] = np.full(n, np.nan)
+                block[lo - 1:hi - 1] = _numpy(v)
+                block[lo - 1:hi - 1][blank] = np.nan
             del obj, labels, res
+        blocks = {cellprofiler_name(comp, k): v for k, v in blocks.items()}
         cols |= blocks
         if on("neighbors") and comp in ("Nuclei", "Cells"):
             with _timed(timings, "neighbors", dev):
@@ -151,15 +157,18 @@ def measure_field(images: dict[str, np.ndarray], masks: Masks, channels: list[st
                 else:  # a lone object has no neighbour (cp_measure's measurement fails on it)
                     found = {f"Neighbors_{k}_Adjacent": np.full(n, v, dtype=np.float64) for k, v in LONE_OBJECT.items()}
                 cols |= {f"{comp}_{k}": _numpy(v) for k, v in found.items()}
-    return _fill_empty_compartments(pd.DataFrame(cols), n)
+    # one float64 block for all the features (a frame built from thousands of columns is slow)
+    df = pd.DataFrame(np.stack(list(cols.values()), 1) if cols else np.zeros((n, 0)), columns=list(cols))
+    df.insert(0, "ObjectNumber", np.arange(1, n + 1))
+    return _fill_empty_compartments(df, n)
 
 
 def _label_chunks(labels: np.ndarray, n: int, max_pixels: int) -> list[tuple[int, int]]:
     """Consecutive label ranges [lo, hi) of at most ``max_pixels`` object pixels each (at least one
     label each): a dense field is measured a slice of its objects at a time, which bounds memory."""
-    counts = np.bincount(labels.ravel(), minlength=n + 1)[1:n + 1]
-    if counts.sum() <= max_pixels:
+    if np.count_nonzero(labels) <= max_pixels:  # the usual case, without counting per label
         return [(1, n + 1)]
+    counts = np.bincount(labels.ravel(), minlength=n + 1)[1:n + 1]
     chunks, lo, size = [], 1, 0
     for label, c in enumerate(counts.tolist(), 1):  # a loop over object sizes, one number per object
         if size and size + c > max_pixels:

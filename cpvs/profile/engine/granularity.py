@@ -161,15 +161,16 @@ def _reconstruct_sweeps(seeds: torch.Tensor, mask: torch.Tensor, tail: float = 0
     m = mask[:, :, None].expand_as(r)  # a broadcast view: the mask is read once per slice, not B times
     lines = [(r.unbind(d), m.unbind(d)) for d in (1, 0)]  # views, made once: r is updated in place
     before = torch.empty_like(r)
+    diff = torch.empty(r.shape, dtype=torch.bool, device=r.device)
     while True:
         before.copy_(r)
         for rs, ms in lines:
             _sweep(rs, ms)
-        changed = (r != before).view(-1).nonzero().squeeze(1)
-        if changed.numel() <= tail * r.numel():
+        changed = int(torch.ne(r, before, out=diff).sum())  # a count: the positions only at the hand-over
+        if changed <= tail * r.numel():
             break
-    if changed.numel():
-        _relax_front(r.view(-1), mask, r.shape, changed)
+    if changed:
+        _relax_front(r.view(-1), mask, r.shape, diff.view(-1).nonzero().squeeze(1))
     return r.permute(2, 0, 1)
 
 

@@ -53,6 +53,11 @@ def keys(distribution: bool = True, zernikes: bool = True, bin_count: int = 4, s
     return out
 
 
+def _numpy_path(t: torch.Tensor) -> bool:
+    """Whether ``t`` takes the CPU shortcuts (numpy / scipy kernels; see ``texture.NUMPY_ON_CPU``)."""
+    return t.device.type == "cpu" and texture.NUMPY_ON_CPU
+
+
 def _take(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``values[index]`` for a 1-D ``values`` and an index of any shape (index_select: several times
     faster than advanced indexing on the CPU)."""
@@ -139,8 +144,30 @@ def _edge_distance2(obj: Objects) -> torch.Tensor:
     return best
 
 
+def _edge_distance(obj: Objects) -> torch.Tensor:
+    """(P,) Euclidean distance of each object pixel to the nearest pixel of another label (inf when the
+    object has none within the field): scipy's EDT of each object alone on the CPU, the separable
+    scan of :func:`_edge_distance2` elsewhere."""
+    if not _numpy_path(obj.labels):
+        return _edge_distance2(obj).sqrt()
+    from scipy.ndimage import distance_transform_edt
+
+    lab = obj.labels.numpy()
+    h, w = lab.shape
+    out = np.empty(obj.seg.numel())
+    has, starts, counts = obj._runs
+    box = obj.bbox[has].numpy()
+    # One EDT per object on its box grown by one pixel (the nearest other pixel is next to the
+    # object): the object's pixels come out row-major, the order of its run in ``obj.flat``.
+    for i, s, (y0, x0, y1, x1) in zip(has.nonzero().squeeze(1).tolist(), starts.tolist(), box.tolist()):
+        inside = lab[max(y0 - 1, 0):min(y1 + 1, h), max(x0 - 1, 0):min(x1 + 1, w)] == i + 1
+        out[s:s + counts[i]] = distance_transform_edt(inside)[inside] if not inside.all() else np.inf
+    return torch.from_numpy(out)
+
+
 def _centres(obj: Objects, d2: torch.Tensor) -> torch.Tensor:
-    """(n,) position in ``obj.flat`` of each object's farthest-from-edge pixel, first in row-major order."""
+    """(n,) position in ``obj.flat`` of each object's farthest-from-edge pixel, first in row-major order
+    (``d2`` the squared distances to the edge, or the distances)."""
     top = torch.full((obj.n,), -1.0, dtype=F64, device=obj.device).scatter_reduce(0, obj.seg, d2, "amax")
     cand = torch.where(d2 == top[obj.seg], torch.arange(d2.numel(), device=obj.device), torch.full_like(obj.seg, d2.numel()))
     return torch.full((obj.n,), d2.numel(), dtype=torch.long, device=obj.device).scatter_reduce(0, obj.seg, cand, "amin")
@@ -195,8 +222,10 @@ def _geodesic(obj: Objects, centre: torch.Tensor) -> torch.Tensor:
     sources = sources[_take(exact, sources)]  # exact pixels next to the rest
     into = lambda nb: _take(local, torch.where(nb >= 0, nb, p))  # noqa: E731  (global -> rest-local)
     table = into(nb_rest)  # (R, 8): each rest pixel's rest neighbours
-    dist = torch.full((rest.numel(),), float("inf"), dtype=F64, device=dev)
     q, v = into(_neighbours(obj, pos, sources[:, None], dy, dx)), _take(d, sources)[:, None] + step
+    if _numpy_path(d):
+        return d.index_copy(0, rest, _dijkstra(table, q, v, step))
+    dist = torch.full((rest.numel(),), float("inf"), dtype=F64, device=dev)
     owner = torch.full((rest.numel(),), -1, dtype=torch.long, device=dev)
     while True:
         better = (q >= 0) & (v < _take(dist, q.clamp(min=0)) - 1e-12)
@@ -210,6 +239,27 @@ def _geodesic(obj: Objects, centre: torch.Tensor) -> torch.Tensor:
     return d.index_copy(0, rest, dist)
 
 
+def _dijkstra(table: torch.Tensor, q: torch.Tensor, v: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """Shortest paths (scipy's Dijkstra, CPU) over the rest pixels: ``table`` (R, 8) each one's
+    neighbours (-1: none), ``step`` (8,) the step lengths; a path starts at a rest pixel ``q`` (S, 8)
+    at distance ``v`` (from an exact neighbour). (R,) distances, inf where unreachable. The sums
+    are those of the wave relaxation: the start's value, then one step length after another."""
+    from scipy.sparse import csr_matrix
+    from scipy.sparse.csgraph import dijkstra
+
+    t, q, v, step = table.numpy(), q.numpy().ravel(), v.numpy().ravel(), step.numpy()
+    r = t.shape[0]
+    start = np.full(r, np.inf)
+    np.minimum.at(start, q[q >= 0], v[q >= 0])
+    first = np.flatnonzero(np.isfinite(start))
+    edge = t >= 0
+    rows = np.concatenate([np.nonzero(edge)[0], np.full(first.size, r)])  # node r: a source joined to the starts
+    cols = np.concatenate([t[edge], first])
+    data = np.concatenate([np.broadcast_to(step, t.shape)[edge], start[first]])
+    graph = csr_matrix((data, (rows, cols)), shape=(r + 1, r + 1))
+    return torch.from_numpy(dijkstra(graph, directed=True, indices=r)[:r])
+
+
 def _geometry(obj: Objects, bin_count: int, scaled: bool, maximum_radius: float) -> dict[str, torch.Tensor]:
     """Per-pixel bin and wedge of the pixels connected to their centre.
 
@@ -217,14 +267,14 @@ def _geometry(obj: Objects, bin_count: int, scaled: bool, maximum_radius: float)
     + wedge (bins = bin_count + 1, the last one the overflow of unscaled bins) and ``count``
     (n, bins, 8) pixels per key.
     """
-    d2 = _edge_distance2(obj)
-    centre = _centres(obj, d2)
+    d_edge = _edge_distance(obj)
+    centre = _centres(obj, d_edge)
     d_centre = _geodesic(obj, centre)
     good = torch.isfinite(d_centre).nonzero().squeeze(1)
     seg = obj.seg[good]
     dc = d_centre[good]
     if scaled:
-        norm = dc / (dc + d2[good].sqrt() + 0.001)
+        norm = dc / (dc + d_edge[good] + 0.001)
     else:
         norm = dc / maximum_radius
     b = (norm * bin_count).long().clamp(max=bin_count)
