@@ -22,7 +22,6 @@ import torch
 from cpvs.profile.engine.objects import F64, Objects, numpy_path, select, take
 
 EPS = float(np.finfo(float).eps)
-PAIR_BITS = 6  # pairs per lockstep batch: up to 64
 
 
 def _first_grid_step(q: torch.Tensor, below) -> torch.Tensor:
@@ -53,12 +52,26 @@ def _cumsum0(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _first_change(v: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
-    """(G,) position of the first value in each group (from ``starts``) that differs from the one
-    before it, or len(v) if none: a group prefix ending before it is constant."""
-    changes = torch.nonzero(v[1:] != v[:-1]).squeeze(1) + 1
-    changes = torch.cat([changes, torch.tensor([v.numel()], device=v.device)])
-    return changes[torch.searchsorted(changes, starts + 1).clamp(max=changes.numel() - 1)]
+def _first_change(v: torch.Tensor, starts: torch.Tensor, stops: torch.Tensor) -> torch.Tensor:
+    """(G,) position of the first value in each group ``v[starts:stops]`` that differs from the group's
+    first value (``stops`` if none): a group prefix ending at or before it is constant.
+
+    Values are checked in windows after each group's start, doubling in width, for the groups still
+    undecided: most groups change within the first few values, so this reads a few per group.
+    """
+    out = stops.clone()
+    todo = torch.nonzero(stops - starts > 1).squeeze(1)
+    offset, width, top = 1, 4, max(v.numel() - 1, 0)
+    while todo.numel():
+        s, e = starts[todo], stops[todo]
+        idx = s[:, None] + offset + torch.arange(width, device=v.device)  # (T, width)
+        differs = (take(v, idx.clamp(max=top).reshape(-1)).view(idx.shape) != take(v, s)[:, None]) & (idx < e[:, None])
+        hit = differs.any(1)
+        first = torch.argmax(differs.to(torch.uint8), 1)
+        out[todo[hit]] = idx[hit, first[hit]]
+        todo = todo[~hit & (s + offset + width < e)]
+        offset, width = offset + width, width * 2
+    return out
 
 
 def _regression(obj: Objects, values, centred, p: int, q: int, ss, vmax, vmin, zero, sxy, means):
@@ -99,29 +112,33 @@ class _Prefix:
     """Pixels sorted by (group, grid step) with prefix sums of their centred channel values, so
     that the sums over the pixels of every group whose step is <= m cost one binary search per group.
 
-    packed: (N,) int64 ``(group * span + step + 2) << bits | handle`` (steps -2 .. scale + 4), where
-    handle = pair << (bits - PAIR_BITS) | pixel; centred: (C, P); pf, pq: (K,) first and second
-    channel of each pair.
-    One sort of plain integers (the handle rides along in the low bits) orders everything.
+    parts: (pair k, packed) with packed (M,) int64 ``(object * span + step + 2) << bits | pixel`` (steps
+    -2 .. scale + 4) for pixels of pair k; centred: (C, P); pairs: the (first, second) channel of
+    each pair; n objects. Each pair's keys are one sort of plain integers (the pixel rides along in the
+    low bits); pairs follow one another, so the group of pair k, object i is k * n + i.
     """
 
-    def __init__(self, packed: torch.Tensor, bits: int, centred: torch.Tensor, pf: torch.Tensor, pq: torch.Tensor,
-                 span: int, groups: int):
-        if numpy_path(packed):
-            packed = torch.from_numpy(np.sort(packed.numpy()))
-        else:
-            packed = torch.sort(packed).values
-        self.key = packed >> bits
-        pbits = bits - PAIR_BITS
-        k = (packed >> pbits) & ((1 << PAIR_BITS) - 1)
-        pix = packed & ((1 << pbits) - 1)
-        P = centred.shape[1]
-        flat = centred.reshape(-1)
-        self.x = take(flat, take(pf * P, k) + pix)
-        self.y = take(flat, take(pq * P, k) + pix)
+    def __init__(self, parts: list[tuple[int, torch.Tensor]], bits: int, centred: torch.Tensor,
+                 pairs: list[tuple[int, int]], n: int, span: int, groups: int):
+        dev = centred.device
+        size = sum(t.numel() for _, t in parts)
+        self.key = torch.empty(size, dtype=torch.int64, device=dev)
+        self.x = torch.empty(size, dtype=F64, device=dev)
+        self.y = torch.empty(size, dtype=F64, device=dev)
+        at, low = 0, (1 << bits) - 1
+        for k, packed in parts:
+            packed = torch.from_numpy(np.sort(packed.numpy())) if numpy_path(packed) else torch.sort(packed).values
+            pix = packed & low
+            end = at + packed.numel()
+            torch.add(packed >> bits, k * n * span, out=self.key[at:end])
+            p, q = pairs[k]
+            self.x[at:end] = take(centred[p], pix)
+            self.y[at:end] = take(centred[q], pix)
+            at = end
         self.cums = [_cumsum0(t) for t in (self.x, self.y, self.x * self.y)]
-        self.base = torch.arange(groups, device=packed.device) * span
+        self.base = torch.arange(groups, device=dev) * span
         self.start = torch.searchsorted(self.key, self.base)
+        self.stop = torch.cat([self.start[1:], torch.tensor([size], device=dev)])
         self.top = span - 1
 
     def end(self, m: torch.Tensor) -> torch.Tensor:
@@ -160,8 +177,8 @@ def costes(obj: Objects, values: torch.Tensor, pairs: list[tuple[int, int]], sca
 
     c_first = {c: _first_grid_step(values[c] * S, lambda m, i, f=values[c]: f[i] < m / S) for c in sorted({p for p, _ in pairs})}
     # Keys shifted into place in float64 (exact below 2**53), added to a per-pixel base.
-    bits = max(int(P).bit_length(), 1) + PAIR_BITS
-    if K > 2**PAIR_BITS or (G * span).bit_length() + bits > 62:
+    bits = max(int(P).bit_length(), 1)
+    if (G * span).bit_length() + bits > 62:
         raise ValueError(f"{K} channel pairs of {n} objects x {P} pixels do not fit one Costes batch; pass fewer pairs")
     scale_bits = float(2 ** bits)
     cf_shifted = {c: (v.clamp(-2, scale_max + 4) + 2) * scale_bits for c, v in c_first.items()}
@@ -190,10 +207,9 @@ def costes(obj: Objects, values: torch.Tensor, pairs: list[tuple[int, int]], sca
         c = _first_grid_step((s - pb) * obj.expand(S / a),
                              lambda m, i: (s[i] < pa[i] * (m / S) + pb[i]) ^ (psign[i] < 0))
         c = (c.clamp_(-2, scale_max + 4) + 2) * scale_bits
-        base_k = base + ((k * n * span) << bits) + (k << (bits - PAIR_BITS))
         if bool((sign > 0).any()):
-            key = base_k + torch.minimum(cf_shifted[p], c).to(torch.int64)
-            pos_parts.append(select(key, psign > 0))
+            key = base + torch.minimum(cf_shifted[p], c).to(torch.int64)
+            pos_parts.append((k, select(key, psign > 0)))
         if bool((sign < 0).any()):
             # Pixels above the line (e < c_f) are out of the background for the steps e .. c_f - 1;
             # the others always in it.
@@ -202,7 +218,7 @@ def costes(obj: Objects, values: torch.Tensor, pairs: list[tuple[int, int]], sca
             always = down & ~out
             spread = [obj.max(torch.where(always, v, -inf)) > obj.min(torch.where(always, v, inf)) for v in (values[p], s)]
             always_varies[k] = spread[0] & spread[1]
-            neg_parts.append((select(base_k + c.to(torch.int64), out), select(base_k + cf_shifted[p].to(torch.int64), out)))
+            neg_parts.append((k, select(base + c.to(torch.int64), out), select(base + cf_shifted[p].to(torch.int64), out)))
 
     pos_ok = (ok_all & (a_all > 0)).reshape(-1)
     neg_ok = (ok_all & (a_all < 0)).reshape(-1)
@@ -213,14 +229,14 @@ def costes(obj: Objects, values: torch.Tensor, pairs: list[tuple[int, int]], sca
     pf = torch.tensor([p for p, _ in pairs], device=dev)
     pq = torch.tensor([q for _, q in pairs], device=dev)
     if pos_parts:
-        pre = _Prefix(torch.cat(pos_parts), bits, centred, pf, pq, span, G)
-        # A prefix is constant in f while it ends before the group's first change of value
+        pre = _Prefix(pos_parts, bits, centred, pairs, n, span, G)
+        # A prefix is constant in f while it ends at or before the group's first change of value
         # (centred values change exactly where the values do).
-        change_f, change_s = _first_change(pre.x, pre.start), _first_change(pre.y, pre.start)
+        change_f, change_s = (_first_change(v, pre.start, pre.stop) for v in (pre.x, pre.y))
         pre.x = pre.y = None
     if neg_parts:
-        pre_e = _Prefix(torch.cat([e for e, _ in neg_parts]), bits, centred, pf, pq, span, G)
-        pre_f = _Prefix(torch.cat([f for _, f in neg_parts]), bits, centred, pf, pq, span, G)
+        pre_e = _Prefix([(k, e) for k, e, _ in neg_parts], bits, centred, pairs, n, span, G)
+        pre_f = _Prefix([(k, f) for k, _, f in neg_parts], bits, centred, pairs, n, span, G)
         pre_e.x = pre_e.y = pre_f.x = pre_f.y = None
     del pos_parts, neg_parts
 

@@ -166,7 +166,8 @@ def _reconstruct_sweeps(seeds: torch.Tensor, mask: torch.Tensor, tail: float = 0
         before.copy_(r)
         for rs, ms in lines:
             _sweep(rs, ms)
-        changed = int(torch.ne(r, before, out=diff).sum())  # a count: the positions only at the hand-over
+        torch.ne(r, before, out=diff)
+        changed = int(np.count_nonzero(diff.numpy()))  # a count (numpy's is ~50x torch's bool sum): positions only at the hand-over
         if changed <= tail * r.numel():
             break
     if changed:
@@ -182,6 +183,8 @@ def _relax_front(r: torch.Tensor, mask: torch.Tensor, shape: tuple[int, int, int
     then, so only the changed ones can still raise a neighbour.
     """
     h, w, b = shape
+    if r.device.type == "cpu" and texture.NUMPY_ON_CPU:
+        return _relax_front_numpy(r.numpy(), mask.reshape(-1).numpy(), shape, front.numpy())
     m = mask.reshape(-1)
     steps = torch.tensor([b, -b, w * b, -w * b], device=r.device)[:, None]
     owner = torch.full_like(r, -1, dtype=torch.long)
@@ -197,6 +200,24 @@ def _relax_front(r: torch.Tensor, mask: torch.Tensor, shape: tuple[int, int, int
         r.scatter_reduce_(0, q, cand, "amax")
         owner[q] = torch.arange(q.numel(), device=r.device)  # one entry per raised pixel
         front = q[owner[q] == torch.arange(q.numel(), device=r.device)]
+
+
+def _relax_front_numpy(r: np.ndarray, m: np.ndarray, shape: tuple[int, int, int], front: np.ndarray) -> None:
+    """:func:`_relax_front` in numpy (writes into ``r``): the fronts are small, and numpy's per-call
+    cost on small arrays is a fraction of torch's."""
+    h, w, b = shape
+    steps = np.array([b, -b, w * b, -w * b])[:, None]
+    while front.size:
+        x = (front // b) % w
+        q = front + steps  # (4, F): right, left, down, up
+        ok = np.stack([x < w - 1, x > 0, q[2] < r.size, q[3] >= 0])
+        src = np.broadcast_to(r[front], q.shape)[ok]
+        q = q[ok]
+        cand = np.minimum(m[q // b], src)
+        better = cand > r[q]
+        q, cand = q[better], cand[better]
+        np.maximum.at(r, q, cand)
+        front = np.unique(q)
 
 
 def spectrum(image: torch.Tensor, subsample_size: float = 0.25, image_sample_size: float = 0.25, element_size: int = 10,

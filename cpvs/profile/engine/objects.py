@@ -15,6 +15,7 @@ float64 throughout.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -26,6 +27,13 @@ F64 = torch.float64
 # gathers, run reductions). The torch paths are what a GPU runs; tests switch this off to check
 # that both give the same numbers.
 NUMPY_ON_CPU = True
+
+
+def _version(t: torch.Tensor) -> int:
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors keep no version counter (and cannot be modified in place)
+        return -1
 
 
 def numpy_path(t: torch.Tensor) -> bool:
@@ -177,11 +185,22 @@ class Objects:
         return a[..., self.seg]
 
     def pixels(self, image: torch.Tensor) -> torch.Tensor:
-        """(..., H, W) image -> (..., P) its values at the objects' pixels."""
+        """(..., H, W) image -> (..., P) its values at the objects' pixels (do not modify them in place).
+
+        Remembered while ``image`` lives unmodified: every module of a compartment reads the same
+        channels, and the gather costs as much as a small module."""
+        cache = self.__dict__.setdefault("_pixels", {})
+        key, version = id(image), _version(image)
+        hit = cache.get(key)
+        if hit is not None and hit[0]() is image and hit[1] == version:
+            return hit[2]
         flat = image.reshape(*image.shape[:-2], -1)
         if numpy_path(flat):
-            return torch.from_numpy(np.take(flat.numpy(), self.flat.numpy(), axis=-1))
-        return flat[..., self.flat]
+            out = torch.from_numpy(np.take(flat.numpy(), self.flat.numpy(), axis=-1))
+        else:
+            out = flat[..., self.flat]
+        cache[key] = (weakref.ref(image, lambda _, key=key: cache.pop(key, None)), version, out)
+        return out
 
     def argsort(self, v: torch.Tensor) -> torch.Tensor:
         """(P,) permutation ordering ``v`` ascending within each object (objects stay in place:

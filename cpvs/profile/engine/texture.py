@@ -31,7 +31,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from cpvs.profile.engine.objects import Objects
+from cpvs.profile.engine.objects import Objects, _version
 
 FEATURES = ("AngularSecondMoment", "Contrast", "Correlation", "Variance", "InverseDifferenceMoment", "SumAverage",
             "SumVariance", "SumEntropy", "Entropy", "DifferenceVariance", "DifferenceEntropy", "InfoMeas1", "InfoMeas2")
@@ -42,13 +42,6 @@ DIRECTIONS = ((0, 1), (1, 1), (1, 0), (1, -1))
 _CACHE: dict[int, tuple[weakref.ref, int, dict]] = {}
 # Take numpy's faster CPU kernels where torch's are slow (tests turn this off to run the generic path).
 NUMPY_ON_CPU = True
-
-
-def _version(t: torch.Tensor) -> int:
-    try:
-        return t._version
-    except RuntimeError:  # inference tensors keep no version counter (and cannot be modified in place)
-        return -1
 
 
 def cached_on(tensor: torch.Tensor, key: Any, compute: Callable[[], Any]) -> Any:
