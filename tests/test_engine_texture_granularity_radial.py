@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from cpvs.plate import read_image
-from cpvs.profile.engine import granularity, radial, texture
+from cpvs.profile.engine import granularity, inner_distance, radial, texture
 from cpvs.profile.segment import SegmentParams, segment_field
 from conftest import PEDIATRIC
 
@@ -137,7 +137,7 @@ def test_geometry_matches_scipy_and_centrosome_on_awkward_shapes():
 
     lab = _shapes()
     obj = texture.objects(torch.from_numpy(lab), int(lab.max()))
-    d2 = radial._edge_distance2(obj)
+    d2 = inner_distance.edge_distance2(obj)
     np.testing.assert_allclose(d2.sqrt().numpy(), distance_to_edge(lab)[lab > 0][_row_major_to_object(lab)], atol=1e-12)
     rng = np.random.default_rng(0)
     img = rng.random(lab.shape)

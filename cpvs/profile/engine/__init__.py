@@ -3,7 +3,7 @@
 code runs on one CPU thread, on all cores, or on a GPU (``device="cuda"``).
 
 One module per CellProfiler module: :mod:`.intensity`, :mod:`.sizeshape` (with :mod:`.zernike`
-and :mod:`.feret`), :mod:`.texture`, :mod:`.granularity`, :mod:`.radial`, :mod:`.correlation`
+and :mod:`.feret`), :mod:`.texture`, :mod:`.granularity`, :mod:`.radial` (with :mod:`.inner_distance`), :mod:`.correlation`
 (with :mod:`.costes`) and :mod:`.neighbors`, on the shared bookkeeping of :mod:`.objects`.
 :func:`measure_field` returns the same columns, named the same way, with the same row
 conventions as the cp_measure path (one row per object 1..N, NaN where a compartment has no
