@@ -29,7 +29,8 @@ F64 = torch.float64
 NUMPY_ON_CPU = True
 
 
-def _version(t: torch.Tensor) -> int:
+def tensor_version(t: torch.Tensor) -> int:
+    """The in-place version counter of ``t`` (-1 for inference tensors, which cannot change)."""
     try:
         return t._version
     except RuntimeError:  # inference tensors keep no version counter (and cannot be modified in place)
@@ -190,7 +191,7 @@ class Objects:
         Remembered while ``image`` lives unmodified: every module of a compartment reads the same
         channels, and the gather costs as much as a small module."""
         cache = self.__dict__.setdefault("_pixels", {})
-        key, version = id(image), _version(image)
+        key, version = id(image), tensor_version(image)
         hit = cache.get(key)
         if hit is not None and hit[0]() is image and hit[1] == version:
             return hit[2]

@@ -31,7 +31,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from cpvs.profile.engine.objects import Objects, _version
+from cpvs.profile.engine.objects import Objects, tensor_version
 
 FEATURES = ("AngularSecondMoment", "Contrast", "Correlation", "Variance", "InverseDifferenceMoment", "SumAverage",
             "SumVariance", "SumEntropy", "Entropy", "DifferenceVariance", "DifferenceEntropy", "InfoMeas1", "InfoMeas2")
@@ -55,8 +55,8 @@ def cached_on(tensor: torch.Tensor, key: Any, compute: Callable[[], Any]) -> Any
     """
     i = id(tensor)
     entry = _CACHE.get(i)
-    if entry is None or entry[0]() is not tensor or entry[1] != _version(tensor):
-        entry = (weakref.ref(tensor, lambda _, i=i, cache=_CACHE: cache.pop(i, None)), _version(tensor), {})
+    if entry is None or entry[0]() is not tensor or entry[1] != tensor_version(tensor):
+        entry = (weakref.ref(tensor, lambda _, i=i, cache=_CACHE: cache.pop(i, None)), tensor_version(tensor), {})
         _CACHE[i] = entry
     if key not in entry[2]:
         entry[2][key] = compute()
