@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from cpvs.plate import read_image
-from cpvs.profile.engine import granularity, inner_distance, radial, texture
+from cpvs.profile.engine import granularity, inner_distance, radial, reconstruction, texture
 from cpvs.profile.segment import SegmentParams, segment_field
 from conftest import PEDIATRIC
 
@@ -185,16 +185,37 @@ def test_generic_torch_paths_match_the_cpu_shortcuts(monkeypatch):
             np.testing.assert_allclose(out[k], ref[k], rtol=1e-9, atol=1e-12, equal_nan=True, err_msg=k)
 
 
+def _one_pixel_seed(mask: torch.Tensor) -> torch.Tensor:
+    """Zero but at the first maximum of ``mask``: its reconstruction floods that pixel's region."""
+    seed = torch.zeros_like(mask)
+    seed.view(-1)[int(mask.argmax())] = mask.max()
+    return seed
+
+
 def test_reconstruction_schedules_match_skimage():
-    from skimage.morphology import disk, reconstruction
+    """Both schedules (compiled hybrid scans on CPU, whole-field dilations on GPU) give skimage's
+    reconstruction exactly, on float values and on int32 ranks, with plateaus (ties) and winding paths."""
+    from skimage.morphology import disk, reconstruction as sk_reconstruction
 
     rng = np.random.default_rng(2)
-    mask = torch.from_numpy(rng.random((40, 50)))
-    seeds = torch.stack([granularity._erode_cross(mask), granularity._erode_cross(granularity._erode_cross(mask))])
-    ref = np.stack([reconstruction(s.numpy(), mask.numpy(), footprint=disk(1)) for s in seeds])
-    for tail in (0.0, 0.01, 1.0):  # sweeps only, the default hand-over, relaxation after one round
-        np.testing.assert_array_equal(granularity._reconstruct_sweeps(seeds, mask, tail).numpy(), ref)
-    np.testing.assert_array_equal(granularity._reconstruct_dilations(seeds, mask).numpy(), ref)
+    noisy = rng.random((40, 50))
+    plateaus = np.round(rng.random((37, 29)) * 4) / 4
+    spiral = np.zeros((31, 31))  # a one-pixel corridor that turns at every wall: many sequential steps
+    spiral[1:-1:2, 1:-1] = 1
+    spiral[1:-1, 1] = spiral[1:-1, -2] = 1
+    spiral[2:-2:4, -2] = spiral[4:-2:4, 1] = 0
+    for image in (noisy, plateaus, spiral, np.ones((3, 3)), np.arange(7.0)[None]):
+        mask = torch.from_numpy(image)
+        seeds = torch.stack([granularity._erode_cross(mask), granularity._erode_cross(granularity._erode_cross(mask)),
+                             _one_pixel_seed(mask)])
+        ref = np.stack([sk_reconstruction(s.numpy(), mask.numpy(), footprint=disk(1)) for s in seeds])
+        np.testing.assert_array_equal(reconstruction.reconstruct(seeds, mask).numpy(), ref)
+        np.testing.assert_array_equal(reconstruction.reconstruct_dilations(seeds, mask).numpy(), ref)
+        _, ranks = np.unique(image, return_inverse=True)
+        ranks = torch.from_numpy(ranks.reshape(image.shape).astype(np.int32))
+        rank_seeds = torch.stack([granularity._erode_cross(ranks), granularity._erode_cross(granularity._erode_cross(ranks))])
+        rank_ref = np.stack([sk_reconstruction(s.numpy(), ranks.numpy(), footprint=disk(1)) for s in rank_seeds])
+        np.testing.assert_array_equal(reconstruction.reconstruct(rank_seeds, ranks).numpy(), rank_ref)
 
 
 def test_granularity_on_a_small_image_is_nan_and_absent_objects_are_nan():

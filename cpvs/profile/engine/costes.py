@@ -41,6 +41,21 @@ def _first_grid_step(q: torch.Tensor, below) -> torch.Tensor:
     return c
 
 
+def _first_step_above(f: torch.Tensor, scale: float) -> torch.Tensor:
+    """Smallest integer m with ``f < m / scale``, as float64 (callers clamp it).
+
+    Images read from integer TIFFs hold exact quotients ``v / scale``; for those m = v + 1 (the
+    rounded quotients of distinct integers by one divisor keep their order strictly), which
+    spares the exact test that :func:`_first_grid_step` runs on every near-integer pixel.
+    """
+    v = torch.round(f * scale)
+    exact = v / scale == f
+    if bool(exact.all()):
+        return v + 1
+    c = _first_grid_step(f * scale, lambda m, i: f[i] < m / scale)
+    return torch.where(exact, v + 1, c)
+
+
 def _cumsum0(t: torch.Tensor) -> torch.Tensor:
     """Inclusive cumulative sum with a leading 0: (N,) -> (N + 1,)."""
     out = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
@@ -175,7 +190,7 @@ def costes(obj: Objects, values: torch.Tensor, pairs: list[tuple[int, int]], sca
     zero = values == 0
     span = scale_max + 7
 
-    c_first = {c: _first_grid_step(values[c] * S, lambda m, i, f=values[c]: f[i] < m / S) for c in sorted({p for p, _ in pairs})}
+    c_first = {c: _first_step_above(values[c], S) for c in sorted({p for p, _ in pairs})}
     # Keys shifted into place in float64 (exact below 2**53), added to a per-pixel base.
     bits = max(int(P).bit_length(), 1)
     if (G * span).bit_length() + bits > 62:

@@ -17,13 +17,9 @@ Per-object means of a subsampled image restored to the original size are a linea
 map of the subsampled image (bilinear weights summed over the object's pixels): it
 is built once per label image, as a list of (small-image pixel, object, weight).
 
-The 16 reconstructions are independent (each starts from its own erosion), so they
-run together, on the int32 ranks of the grey values (erosion and reconstruction only
-compare values): sweeps along rows and columns (each pixel takes ``min(mask, max(self,
-previous))`` in scan order), repeated until nothing changes, reach the same fixed
-point as skimage's ``reconstruction``. The reconstruction is inherently sequential
-(paths through a noisy image wind: ~20-35 rounds on real fields) and bounds the speed
-on one CPU core.
+The 16 reconstructions are independent (each starts from its own erosion): they run as one
+batch (:mod:`cpvs.profile.engine.reconstruction`) on the int32 ranks of the grey values, since
+erosion and reconstruction only compare values.
 """
 
 from __future__ import annotations
@@ -34,7 +30,8 @@ import numpy as np
 import torch
 
 from cpvs.profile.engine import texture
-from cpvs.profile.engine.objects import Objects
+from cpvs.profile.engine.objects import Objects, take
+from cpvs.profile.engine.reconstruction import reconstruct
 from cpvs.profile.engine.texture import cached_on, objects
 
 
@@ -102,124 +99,6 @@ def _erode_cross(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _sweep(rs: tuple[torch.Tensor, ...], ms: tuple[torch.Tensor, ...]) -> None:
-    """In place: 1-D reconstruction along a line of slices, forward then back.
-
-    rs, ms: the slices of r and of the mask along the sweep's axis (``unbind``). Each step is one
-    small op: ``r[j] = clamp(r[j], r[j-1], m[j])``, i.e. ``min(m, max(r[j], r[j-1]))``.
-    """
-    for prev, cur, m in zip(rs[:-1], rs[1:], ms[1:]):
-        cur.clamp_(prev, m)
-    for prev, cur, m in zip(rs[:0:-1], rs[-2::-1], ms[-2::-1]):
-        cur.clamp_(prev, m)
-
-
-def _dilate_cross(x: torch.Tensor) -> torch.Tensor:
-    """Grey dilation of (..., h, w) by the 4-connected cross, out-of-field neighbours ignored."""
-    out = x.clone()
-    out[..., 1:, :] = torch.maximum(out[..., 1:, :], x[..., :-1, :])
-    out[..., :-1, :] = torch.maximum(out[..., :-1, :], x[..., 1:, :])
-    out[..., :, 1:] = torch.maximum(out[..., :, 1:], x[..., :, :-1])
-    out[..., :, :-1] = torch.maximum(out[..., :, :-1], x[..., :, 1:])
-    return out
-
-
-def reconstruct(seeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Greyscale reconstruction by dilation (4-connected) of seeds (B, h, w) under mask (h, w).
-
-    Requires seeds <= mask. The result is the least fixed point of the geodesic dilation
-    above the seeds, i.e. skimage's ``reconstruction``, reached by any sequence of
-    propagation steps run until nothing changes; the schedule suits the device.
-
-    * CPU: sweeps along rows then columns, both ways, repeated. A sweep carries values
-      any distance along a line in ~w small ops, so the cost is a few ms per round, and
-      rounds are needed only where paths turn; the last 1 % of changes go to a relaxation
-      from the changed pixels.
-    * GPU: whole-field geodesic dilations (5 kernels each), checked for convergence every
-      32 steps: thousands of tiny sweep kernels would cost more in launches.
-    """
-    if seeds.device.type == "cpu":
-        return _reconstruct_sweeps(seeds, mask)
-    return _reconstruct_dilations(seeds, mask)
-
-
-def _reconstruct_dilations(seeds: torch.Tensor, mask: torch.Tensor, check_every: int = 32) -> torch.Tensor:
-    r = seeds.clone()
-    while True:
-        before = r.clone()
-        for _ in range(check_every):
-            r = torch.minimum(_dilate_cross(r), mask)
-        if torch.equal(r, before):
-            return r
-
-
-def _reconstruct_sweeps(seeds: torch.Tensor, mask: torch.Tensor, tail: float = 0.01) -> torch.Tensor:
-    """Sweeps while they change many pixels; the last few changes, on long winding paths that would
-    take many more rounds, are carried by :func:`_relax_front` from the pixels the last round changed."""
-    # (h, w, B): the batch is innermost, so slices along either axis are runs of B contiguous values.
-    r = seeds.permute(1, 2, 0).contiguous()
-    m = mask[:, :, None].expand_as(r)  # a broadcast view: the mask is read once per slice, not B times
-    lines = [(r.unbind(d), m.unbind(d)) for d in (1, 0)]  # views, made once: r is updated in place
-    before = torch.empty_like(r)
-    diff = torch.empty(r.shape, dtype=torch.bool, device=r.device)
-    while True:
-        before.copy_(r)
-        for rs, ms in lines:
-            _sweep(rs, ms)
-        torch.ne(r, before, out=diff)
-        changed = int(np.count_nonzero(diff.numpy()))  # numpy's count: torch's sum of a bool tensor costs ~4 ns a value
-        if changed <= tail * r.numel():
-            break
-    if changed:
-        _relax_front(r.view(-1), mask, r.shape, diff.view(-1).nonzero().squeeze(1))
-    return r.permute(2, 0, 1)
-
-
-def _relax_front(r: torch.Tensor, mask: torch.Tensor, shape: tuple[int, int, int], front: torch.Tensor) -> None:
-    """In place: geodesic dilation of r (h*w*B flat, (h, w, B) layout) under mask (h, w), restricted to
-    the neighbours of the pixels that changed last (``front``), until nothing changes.
-
-    A pixel that did not change in the last full round passed its value on in all four directions
-    then, so only the changed ones can still raise a neighbour.
-    """
-    h, w, b = shape
-    if r.device.type == "cpu" and texture.NUMPY_ON_CPU:
-        return _relax_front_numpy(r.numpy(), mask.reshape(-1).numpy(), shape, front.numpy())
-    m = mask.reshape(-1)
-    steps = torch.tensor([b, -b, w * b, -w * b], device=r.device)[:, None]
-    owner = torch.full_like(r, -1, dtype=torch.long)
-    while front.numel():
-        x = (front // b) % w
-        q = front + steps  # (4, F): right, left, down, up
-        ok = torch.stack([x < w - 1, x > 0, q[2] < r.numel(), q[3] >= 0])
-        src = r[front].expand_as(q)[ok]
-        q = q[ok]
-        cand = torch.minimum(m[q // b], src)
-        better = cand > r[q]
-        q, cand = q[better], cand[better]
-        r.scatter_reduce_(0, q, cand, "amax")
-        owner[q] = torch.arange(q.numel(), device=r.device)  # one entry per raised pixel
-        front = q[owner[q] == torch.arange(q.numel(), device=r.device)]
-
-
-def _relax_front_numpy(r: np.ndarray, m: np.ndarray, shape: tuple[int, int, int], front: np.ndarray) -> None:
-    """:func:`_relax_front` in numpy (writes into ``r``): the fronts are small, and numpy's per-call
-    cost on small arrays is a fraction of torch's."""
-    h, w, b = shape
-    steps = np.array([b, -b, w * b, -w * b])[:, None]
-    while front.size:
-        x = (front // b) % w
-        q = front + steps  # (4, F): right, left, down, up
-        ok = np.stack([x < w - 1, x > 0, q[2] < r.size, q[3] >= 0])
-        src = np.broadcast_to(r[front], q.shape)[ok]
-        q = q[ok]
-        cand = np.minimum(m[q // b], src)
-        better = cand > r[q]
-        q, cand = q[better], cand[better]
-        np.maximum.at(r, q, cand)
-        front = np.unique(q)
-
-
 def spectrum(image: torch.Tensor, subsample_size: float = 0.25, image_sample_size: float = 0.25, element_size: int = 10,
              granular_spectrum_length: int = 16) -> torch.Tensor:
     """The background-free subsampled image and its reconstructed erosions: (1 + length, h, w).
@@ -256,7 +135,7 @@ def spectrum(image: torch.Tensor, subsample_size: float = 0.25, image_sample_siz
     for _ in range(granular_spectrum_length):
         seeds.append(_erode_cross(seeds[-1]))
     rec = reconstruct(torch.stack(seeds[1:]), ranks)
-    return torch.cat([pixels[None], values[rec.long()]])
+    return torch.cat([pixels[None], take(values, rec)])
 
 
 def _dense_ranks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

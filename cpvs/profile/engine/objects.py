@@ -266,7 +266,7 @@ class Objects:
 
 
 def take(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``t[index]`` for a 1-D tensor; numpy's gather is 2-3x faster than torch's on CPU."""
+    """``t[index]`` for a 1-D tensor ``t`` (any index shape); numpy's gather is 2-3x faster than torch's on CPU."""
     if numpy_path(t):
         return torch.from_numpy(np.take(t.numpy(), index.numpy()))
     return t[index]
