@@ -264,3 +264,34 @@ def test_segmentation_masks_are_those_of_the_previous_implementation(kind):
         np.testing.assert_array_equal(a, b)
         assert a.dtype == np.int32
     assert new.n == n > 5
+
+
+def test_intensity_quantiles_and_mad_equal_numpy_per_object():
+    """Quartiles, median and MAD (the compiled merge of deviations on CPU, a sort of them elsewhere) are
+    numpy's per object, exactly: odd and even pixel counts, ties, one-pixel objects, an absent label."""
+    import torch
+
+    from cpvs.profile.engine import intensity, objects
+
+    rng = np.random.default_rng(5)
+    labels = np.zeros((40, 60), np.int64)
+    labels[2:9, 3:12], labels[12:20, 5:14], labels[25, 30], labels[30:38, 40:58] = 1, 2, 4, 5  # label 3 absent
+    image = rng.random(labels.shape)
+    image[12:20, 5:14] = np.round(image[12:20, 5:14] * 3) / 3  # many ties
+    obj = objects.Objects.from_labels(torch.from_numpy(labels), 5)
+    for numpy_path in (True, False):
+        if not numpy_path:
+            objects.NUMPY_ON_CPU = False
+        try:
+            out = intensity.measure(obj, torch.from_numpy(image))
+        finally:
+            objects.NUMPY_ON_CPU = True
+        for i in range(5):
+            v = image[labels == i + 1]
+            if v.size == 0:
+                assert np.isnan(out["Intensity_MADIntensity"][i].item())
+                continue
+            med = np.median(v)
+            np.testing.assert_allclose(out["Intensity_MedianIntensity"][i].item(), med, rtol=1e-14)
+            np.testing.assert_allclose(out["Intensity_LowerQuartileIntensity"][i].item(), np.quantile(v, 0.25), rtol=1e-14)
+            np.testing.assert_allclose(out["Intensity_MADIntensity"][i].item(), np.median(np.abs(v - med)), rtol=1e-12, atol=1e-15)

@@ -16,7 +16,7 @@ from itertools import combinations
 import torch
 
 from cpvs.profile.engine import costes as costes_module
-from cpvs.profile.engine.objects import F64, Objects
+from cpvs.profile.engine.objects import F64, Objects, take
 
 THRESHOLD = 15  # percent of the object's maximum, cp_measure's default for Manders and RWC
 MAX_COSTES_PIXELS = 2**22  # pixels per lockstep Costes batch (memory: ~20 float64 arrays of this length)
@@ -25,7 +25,7 @@ MAX_COSTES_PIXELS = 2**22  # pixels per lockstep Costes batch (memory: ~20 float
 def _dense_ranks(obj: Objects, v: torch.Tensor) -> torch.Tensor:
     """(P,) rank of each pixel's value among the distinct values of its object (0 = smallest)."""
     order = obj.argsort(v)
-    sv, sg = v[order], obj.seg[order]
+    sv, sg = take(v, order), obj.seg  # objects stay in place
     new = torch.ones_like(sv, dtype=torch.int64)
     if sv.numel():
         new[1:] = ((sv[1:] != sv[:-1]) | (sg[1:] != sg[:-1])).to(torch.int64)

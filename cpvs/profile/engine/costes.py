@@ -16,6 +16,7 @@ The comparisons are cp_measure's own expressions (``f < m / scale_max``,
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 import torch
 
@@ -123,6 +124,28 @@ def _regression(obj: Objects, values, centred, p: int, q: int, ss, vmax, vmin, z
     return a, b, ok
 
 
+@numba.njit(cache=True, nogil=True)
+def _unpack_and_sum(packed, bits, offset, cp, cq, at, key, x, y, cx, cy, cxy):
+    """:class:`_Prefix`'s CPU path, one pass per pair instead of seven array operations: from sorted
+    packed keys (M,), write key, x, y at ``at`` .. ``at + M`` and continue the running sums of x, y
+    and x * y (the same sequential sums as ``np.cumsum``) from their values at ``at``."""
+    low = (1 << bits) - 1
+    sx, sy, sxy = cx[at], cy[at], cxy[at]
+    for i in range(packed.size):
+        v = packed[i]
+        pix = v & low
+        a, b = cp[pix], cq[pix]
+        key[at + i] = (v >> bits) + offset
+        x[at + i] = a
+        y[at + i] = b
+        sx += a
+        sy += b
+        sxy += a * b
+        cx[at + i + 1] = sx
+        cy[at + i + 1] = sy
+        cxy[at + i + 1] = sxy
+
+
 class _Prefix:
     """Pixels sorted by (group, grid step) with prefix sums of their centred channel values, so
     that the sums over the pixels of every group whose step is <= m cost one binary search per group.
@@ -141,16 +164,24 @@ class _Prefix:
         self.x = torch.empty(size, dtype=F64, device=dev)
         self.y = torch.empty(size, dtype=F64, device=dev)
         at, low = 0, (1 << bits) - 1
-        for k, packed in parts:
-            packed = torch.from_numpy(np.sort(packed.numpy())) if numpy_path(packed) else torch.sort(packed).values
-            pix = packed & low
-            end = at + packed.numel()
-            torch.add(packed >> bits, k * n * span, out=self.key[at:end])
-            p, q = pairs[k]
-            self.x[at:end] = take(centred[p], pix)
-            self.y[at:end] = take(centred[q], pix)
-            at = end
-        self.cums = [_cumsum0(t) for t in (self.x, self.y, self.x * self.y)]
+        if numpy_path(centred):
+            self.cums = [torch.zeros(size + 1, dtype=F64) for _ in range(3)]
+            arrays = [t.numpy() for t in (self.key, self.x, self.y, *self.cums)]
+            for k, packed in parts:
+                p, q = pairs[k]
+                _unpack_and_sum(np.sort(packed.numpy()), bits, k * n * span, centred[p].numpy(), centred[q].numpy(), at, *arrays)
+                at += packed.numel()
+        else:
+            for k, packed in parts:
+                packed = torch.sort(packed).values
+                pix = packed & low
+                end = at + packed.numel()
+                torch.add(packed >> bits, k * n * span, out=self.key[at:end])
+                p, q = pairs[k]
+                self.x[at:end] = centred[p][pix]
+                self.y[at:end] = centred[q][pix]
+                at = end
+            self.cums = [_cumsum0(t) for t in (self.x, self.y, self.x * self.y)]
         self.base = torch.arange(groups, device=dev) * span
         self.start = torch.searchsorted(self.key, self.base)
         self.stop = torch.cat([self.start[1:], torch.tensor([size], device=dev)])

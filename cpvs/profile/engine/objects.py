@@ -190,23 +190,30 @@ class Objects:
 
         Remembered while ``image`` lives unmodified: every module of a compartment reads the same
         channels, and the gather costs as much as a small module."""
-        cache = self.__dict__.setdefault("_pixels", {})
-        key, version = id(image), tensor_version(image)
-        hit = cache.get(key)
-        if hit is not None and hit[0]() is image and hit[1] == version:
-            return hit[2]
+        return self._remembered("_pixels", image, self._gather)
+
+    def _gather(self, image: torch.Tensor) -> torch.Tensor:
         flat = image.reshape(*image.shape[:-2], -1)
         if numpy_path(flat):
-            out = torch.from_numpy(np.take(flat.numpy(), self.flat.numpy(), axis=-1))
-        else:
-            out = flat[..., self.flat]
-        cache[key] = (weakref.ref(image, lambda _, key=key: cache.pop(key, None)), version, out)
+            return torch.from_numpy(np.take(flat.numpy(), self.flat.numpy(), axis=-1))
+        return flat[..., self.flat]
+
+    def _remembered(self, name: str, t: torch.Tensor, compute):
+        """``compute(t)``, remembered while ``t`` lives unmodified."""
+        cache = self.__dict__.setdefault(name, {})
+        key, version = id(t), tensor_version(t)
+        hit = cache.get(key)
+        if hit is not None and hit[0]() is t and hit[1] == version:
+            return hit[2]
+        out = compute(t)
+        cache[key] = (weakref.ref(t, lambda _, key=key: cache.pop(key, None)), version, out)
         return out
 
     def argsort(self, v: torch.Tensor) -> torch.Tensor:
         """(P,) permutation ordering ``v`` ascending within each object (objects stay in place:
-        object i's values are at ``starts[i]:starts[i] + count[i]`` of ``v[order]``)."""
-        return segment_argsort(self.seg, v)
+        object i's values are at ``starts[i]:starts[i] + count[i]`` of ``v[order]``). Remembered
+        while ``v`` lives unmodified: intensity quantiles and correlation ranks sort the same pixels."""
+        return self._remembered("_argsort", v, lambda t: segment_argsort(self.seg, t))
 
     def sort(self, v: torch.Tensor) -> torch.Tensor:
         """(P,) ``v`` sorted within objects (see :func:`segment_sort`)."""
