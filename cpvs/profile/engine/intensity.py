@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 
 import numba
-import numpy as np
 import torch
 
 from cpvs.profile.engine.objects import F64, Objects, numpy_path, sorted_quantile, take
