@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import math
 
+import numba
 import numpy as np
 import torch
 
@@ -139,7 +140,8 @@ def _zernike_geometry(obj: Objects, degree: int) -> dict[str, torch.Tensor]:
     """Unit-circle coordinates of every pixel, grouped by object row.
 
     ``u`` (deg+1, P): powers of x' = (x - cx) / r, zero where x'² + y'² > 1 (cp_measure's
-    cut, same expression; NaN for a one-pixel object stays NaN); ``row`` (P,) index of the
+    cut, same expression; NaN for a one-pixel object stays NaN); on CPU instead ``xm`` (P,) x' and
+    ``cut`` (P,), from which a compiled pass makes the powers on the fly. ``row`` (P,) index of the
     pixel's (object, row) run, ``first`` (R,) its first pixel; ``v`` (deg+1, R) powers of y' of
     each run; ``row_obj`` (R,) its object, ``obj_first`` (present objects,) each object's first run.
     """
@@ -150,7 +152,6 @@ def _zernike_geometry(obj: Objects, degree: int) -> dict[str, torch.Tensor]:
     ym = (obj.y - centres[obj.seg, 0]) / r
     xm = (obj.x - centres[obj.seg, 1]) / r
     cut = (xm * xm + ym * ym) > 1
-    u = torch.where(cut, 0.0, _powers(xm, degree))  # (deg+1, P): runs of a row are contiguous
     # pixels are grouped by object and row-major inside it: an (object, row) run is contiguous
     new = torch.ones_like(cut)
     new[1:] = (obj.seg[1:] != obj.seg[:-1]) | (obj.y[1:] != obj.y[:-1])
@@ -159,8 +160,32 @@ def _zernike_geometry(obj: Objects, degree: int) -> dict[str, torch.Tensor]:
     row_obj = obj.seg[first]
     # each present object's rows are consecutive too: its first row
     obj_first = torch.cat([torch.ones(1, dtype=torch.bool, device=obj.device), row_obj[1:] != row_obj[:-1]]).nonzero().squeeze(1)
-    return {"u": u, "row": row, "first": first, "v": _powers(ym[first], degree), "row_obj": row_obj,
-            "obj_first": obj_first, "present": obj.present}
+    geo = {"row": row, "first": first, "v": _powers(ym[first], degree), "row_obj": row_obj,
+           "obj_first": obj_first, "present": obj.present}
+    if _compiled(xm):
+        geo |= {"xm": xm.contiguous(), "cut": cut}
+    else:
+        geo["u"] = torch.where(cut, 0.0, _powers(xm, degree))  # (deg+1, P): runs of a row are contiguous
+    return geo
+
+
+def _compiled(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu" and texture.NUMPY_ON_CPU
+
+
+@numba.njit(cache=True, nogil=True)
+def _row_power_sums(xm, cut, values, row, out):
+    """out (deg+1, R) += sums over each row run of x'^a * value (0 where cut), in one pass: the
+    torch path's (deg+1, P) products, without storing them."""
+    for p in range(xm.size):
+        if cut[p]:
+            continue
+        x, v, r = xm[p], values[p], row[p]
+        pw = 1.0
+        for a in range(out.shape[0]):
+            if a:
+                pw = pw * x
+            out[a, r] += pw * v
 
 
 def _run_sums(x: torch.Tensor, index: torch.Tensor, starts: torch.Tensor, n: int) -> torch.Tensor:
@@ -180,7 +205,11 @@ def _zernikes(obj: Objects, values: torch.Tensor, degree: int) -> dict[str, torc
     """
     geo = cached_on(obj.labels, ("radial_zernike", obj.n, degree), lambda: _zernike_geometry(obj, degree))
     size = degree + 1
-    rows = _run_sums(geo["u"] * values, geo["row"], geo["first"], geo["v"].shape[1])  # (a, R)
+    if "u" in geo:
+        rows = _run_sums(geo["u"] * values, geo["row"], geo["first"], geo["v"].shape[1])  # (a, R)
+    else:
+        rows = torch.zeros((size, geo["v"].shape[1]), dtype=F64)
+        _row_power_sums(geo["xm"].numpy(), geo["cut"].numpy(), values.contiguous().numpy(), geo["row"].numpy(), rows.numpy())
     per_row = (rows[:, None, :] * geo["v"][None, :, :]).reshape(size * size, -1)  # (a * size + b, R)
     present = geo["present"]
     moments = torch.zeros((obj.n, size * size), dtype=F64, device=obj.device)

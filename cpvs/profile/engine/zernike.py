@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import math
 
+import numba
 import torch
 
-from cpvs.profile.engine.objects import F64, Hulls, Objects, enclosing_circles
+from cpvs.profile.engine.objects import F64, Hulls, Objects, enclosing_circles, numpy_path
 
 ORDER = 9
 
@@ -44,6 +45,28 @@ def _combination(order: int) -> tuple[list[tuple[int, int]], torch.Tensor]:
     return powers, A
 
 
+@numba.njit(cache=True, nogil=True)
+def _power_sums(seg, base, ym, xm, r2, order, sums):
+    """:func:`moment_sums`' power sums in one pass over the pixels (the torch path makes ~60 pixel-sized
+    arrays): the same products per pixel, accumulated per object into sums (n, 2 J)."""
+    J = sums.shape[1] // 2
+    for p in range(seg.size):
+        o, y, x, q = seg[p], ym[p], xm[p], r2[p]
+        zr, zi = base[p], 0.0
+        c = 0
+        for m in range(order + 1):
+            if m:
+                zr, zi = zr * y - zi * x, zr * x + zi * y
+            pr, pi = zr, zi
+            for j in range((order - m) // 2 + 1):
+                if j:
+                    pr, pi = pr * q, pi * q
+                sums[o, c] += pr
+                if m:
+                    sums[o, J + c] += pi
+                c += 1
+
+
 def moment_sums(obj: Objects, centers: torch.Tensor, radii: torch.Tensor, weight: torch.Tensor | None = None,
                 order: int = ORDER) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-object real and imaginary sums of V_nm over the pixels inside the unit circle: (n, K) each,
@@ -63,6 +86,10 @@ def moment_sums(obj: Objects, centers: torch.Tensor, radii: torch.Tensor, weight
     if weight is not None:
         base = base * weight
     sums = torch.zeros((obj.n, 2 * J), dtype=F64, device=obj.device)
+    if numpy_path(base):
+        _power_sums(obj.seg.numpy(), base.numpy(), ym.numpy(), xm.numpy(), r2.numpy(), order, sums.numpy())
+        A = A.to(obj.device)
+        return sums[:, :J] @ A, sums[:, J:] @ A
     zr, zi = base, torch.zeros_like(base)  # base * z^m
     c = 0
     for m in range(order + 1):
