@@ -20,6 +20,7 @@ import numba
 import numpy as np
 import torch
 
+from cpvs.profile.engine import costes_search
 from cpvs.profile.engine.objects import F64, Objects, numpy_path, select, take
 
 EPS = float(np.finfo(float).eps)
@@ -165,7 +166,9 @@ class _Prefix:
         self.y = torch.empty(size, dtype=F64, device=dev)
         at, low = 0, (1 << bits) - 1
         if numpy_path(centred):
-            self.cums = [torch.zeros(size + 1, dtype=F64) for _ in range(3)]
+            self.block = torch.empty((3, size + 1), dtype=F64)  # what the compiled search reads
+            self.block[:, 0] = 0  # the pass writes the rest
+            self.cums = list(self.block)
             arrays = [t.numpy() for t in (self.key, self.x, self.y, *self.cums)]
             for k, packed in parts:
                 p, q = pairs[k]
@@ -333,28 +336,13 @@ def costes(obj: Objects, values: torch.Tensor, pairs: list[tuple[int, int]], sca
             negative = torch.where(neg_ok, cov < 0, negative)
         return defined, negative
 
-    # cp_measure's bisection_costes, every group at once (the bounds are integer-valued floats).
-    left = torch.ones(G, dtype=F64, device=dev)
-    right = torch.full((G,), S, dtype=F64, device=dev)
-    mid = torch.div(right - left, 6 / 5, rounding_mode="floor") + left
-    lastmid = torch.zeros(G, dtype=F64, device=dev)
-    valid = torch.full((G,), float("nan"), dtype=F64, device=dev)
-    active = ok.clone()
-    for _ in range(256):
-        if not bool(active.any()):
-            break
-        defined, negative = evaluate(mid)
-        move_up = ~defined | negative
-        left = torch.where(active & move_up, mid - 1, left)
-        right = torch.where(active & ~move_up, mid + 1, right)
-        valid = torch.where(active & ~move_up, mid, valid)
-        lastmid = torch.where(active, mid, lastmid)
-        divisor = torch.where(right - left > 6, torch.full_like(mid, 6 / 5), torch.full_like(mid, 2.0))
-        mid = torch.where(active, torch.div(right - left, divisor, rounding_mode="floor") + left, mid)
-        active &= lastmid != mid
-    found = ok & ~active & torch.isfinite(valid)
-    m_final = torch.where(found, valid - 1, torch.zeros_like(valid))
-    found &= evaluate(m_final)[0]  # cp_measure checks the background correlation there once more
+    if numpy_path(values):
+        m_final, found = costes_search.search_compiled(obj, values, ok, pos_ok, neg_ok, pre if pos_ok.any() else None,
+                                          (pre_e, pre_f) if neg_ok.any() else None, change_f if pos_ok.any() else None,
+                                          change_s if pos_ok.any() else None, tot, count, always_varies, pf, pq,
+                                          a_all.reshape(-1), b_all.reshape(-1), span, S)
+    else:
+        m_final, found = costes_search.search_lockstep(ok, G, S, evaluate)
 
     thr_f = (m_final / S).reshape(K, n)
     thr_s = a_all * thr_f + b_all
@@ -369,3 +357,4 @@ def costes(obj: Objects, values: torch.Tensor, pairs: list[tuple[int, int]], sca
         c1[k] = torch.where(good, obj.sum(f * both) / tot_f, nan[k])
         c2[k] = torch.where(good, obj.sum(s * both) / tot_s, nan[k])
     return c1, c2
+
