@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import math
 
+import numba
 import numpy as np
 import torch
 
 from cpvs.profile.engine import texture
-from cpvs.profile.engine.objects import Objects, take
+from cpvs.profile.engine.objects import Objects, numpy_path, take
 from cpvs.profile.engine.reconstruction import reconstruct
 from cpvs.profile.engine.texture import cached_on, objects
 
@@ -147,6 +148,57 @@ def _dense_ranks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return ranks.to(torch.int32), values
 
 
+@numba.njit(cache=True, nogil=True)
+def _axis(coord, size):
+    """:func:`_axis_weights` of one coordinate."""
+    inside = coord >= 0 and coord <= size - 1
+    c = min(max(coord, 0.0), size - 1.0)
+    lo = int(np.floor(c))
+    return lo, min(lo + 1, size - 1), c - lo, inside
+
+
+@numba.njit(cache=True, nogil=True)
+def _restore_entries(ys, xs, starts, counts, sy, sx, h, w, index, owner, weight):
+    """:func:`_restore_means` on the CPU, object by object on a crop of its own extent, the same
+    sums in the same order; writes the entries into index, owner, weight and returns how many."""
+    k = 0
+    for o in range(starts.size):
+        c, s = int(counts[o]), starts[o]
+        if c == 0:  # an object without pixels: one NaN entry gives a NaN mean
+            index[k], owner[k], weight[k] = 0, o, np.nan
+            k += 1
+            continue
+        top, left, bottom, right = h, w, 0, 0
+        for p in range(s, s + c):
+            r0, r1, _, _ = _axis(ys[p] * sy, h)
+            c0, c1, _, _ = _axis(xs[p] * sx, w)
+            top, bottom, left, right = min(top, r0), max(bottom, r1), min(left, c0), max(right, c1)
+        crop = np.zeros((bottom - top + 1, right - left + 1))
+        for corner in range(4):  # the corners one after another, as the torch path's four passes
+            for p in range(s, s + c):
+                r0, r1, fr, rin = _axis(ys[p] * sy, h)
+                c0, c1, fc, cin = _axis(xs[p] * sx, w)
+                rr, wr = (r0, 1 - fr) if corner < 2 else (r1, fr)
+                cc, wc = (c0, 1 - fc) if corner % 2 == 0 else (c1, fc)
+                crop[rr - top, cc - left] += wr * wc * (1.0 if rin and cin else 0.0)
+        for i in range(crop.shape[0]):
+            for j in range(crop.shape[1]):
+                v = crop[i, j] / counts[o]
+                if v != 0:
+                    index[k], owner[k], weight[k] = (top + i) * w + left + j, o, v
+                    k += 1
+    return k
+
+
+@numba.njit(cache=True, nogil=True)
+def _object_means(series, index, owner, weight, means):
+    """means (K, n) += series[1:] (K + 1, h * w) at the entries, times their weights, in entry order."""
+    for e in range(index.size):
+        o, i, wt = owner[e], index[e], weight[e]
+        for k in range(means.shape[0]):
+            means[k, o] += series[k + 1, i] * wt
+
+
 def _restore_means(obj: Objects, small: tuple[int, int]) -> dict[str, torch.Tensor]:
     """Per-object means of a (h, w) image restored bilinearly to the field, as a linear map.
 
@@ -158,6 +210,12 @@ def _restore_means(obj: Objects, small: tuple[int, int]) -> dict[str, torch.Tens
     """
     (H, W), (h, w) = obj.labels.shape, small
     dev = obj.device
+    if numpy_path(obj.y):
+        P = obj.seg.numel()
+        index, owner, weight = np.empty(4 * P + obj.n, np.int64), np.empty(4 * P + obj.n, np.int64), np.empty(4 * P + obj.n)
+        k = _restore_entries(obj.y.numpy(), obj.x.numpy(), obj.starts.numpy(), obj.count.numpy(), float(h - 1) / float(H - 1),
+                             float(w - 1) / float(W - 1), h, w, index, owner, weight)
+        return {"index": torch.from_numpy(index[:k]), "object": torch.from_numpy(owner[:k]), "weight": torch.from_numpy(weight[:k])}
     # map_coordinates scales by float(h - 1) / float(H - 1); out-of-grid pixels add 0 but still count.
     r = obj.y * (float(h - 1) / float(H - 1))
     c = obj.x * (float(w - 1) / float(W - 1))
@@ -196,8 +254,13 @@ def measure(labels: torch.Tensor, image: torch.Tensor, n: int, subsample_size: f
     series = cached_on(image, ("granularity", options), lambda: spectrum(image, *options))
     obj = objects(labels, n)
     restore = cached_on(labels, ("granularity", n, tuple(small)), lambda: _restore_means(obj, tuple(int(s) for s in small)))
-    values = torch.index_select(series[1:].reshape(len(series) - 1, -1), 1, restore["index"]) * restore["weight"]
-    means = torch.zeros((len(series) - 1, n), dtype=torch.float64, device=values.device).index_add_(1, restore["object"], values)
+    means = torch.zeros((len(series) - 1, n), dtype=torch.float64, device=series.device)
+    if numpy_path(series):
+        _object_means(series.reshape(len(series), -1).numpy(), restore["index"].numpy(), restore["object"].numpy(),
+                      restore["weight"].numpy(), means.numpy())
+    else:
+        values = torch.index_select(series[1:].reshape(len(series) - 1, -1), 1, restore["index"]) * restore["weight"]
+        means.index_add_(1, restore["object"], values)
     start = obj.mean(obj.pixels(image).to(torch.float64))
     means = torch.cat([start[None], means])
     gss = (means[:-1] - means[1:]) * 100 / start.clamp(min=np.finfo(float).eps)
