@@ -175,6 +175,7 @@ complete -c cpvs -n '__cpvs_using predict-plate' -l guidance -x -d 'Classifier g
 complete -c cpvs -n '__cpvs_using predict-plate' -l classifier -r -F -d 'Run folder or checkpoint of `cpvs train --model classifier`, for --guidance'
 complete -c cpvs -n '__cpvs_using predict-plate' -l label-col -x -d 'Metadata column with each field\'s class (default: the model\'s own; \'none\' samples without)'
 complete -c cpvs -n '__cpvs_using predict-plate' -l samples -x -d 'Samples per field; K > 1 also writes per-pixel std maps (<channel>_std) (default: 1)'
+complete -c cpvs -n '__cpvs_using predict-plate' -l estimate -x -a 'samples mean' -d 'What the written intensities are: the mean of the --samples (samples), or the network\'s clean-image estimate at the first step, averaged over the samples\' starts (mean: the posterior mean the samples\' mean approaches as K grows; the best per-pixel prediction, smoother than a sample)'
 complete -c cpvs -n '__cpvs_using predict-plate' -l seed -x -d 'Seed; a field\'s samples depend only on it and the field (default: 0)'
 complete -c cpvs -n '__cpvs_using predict-plate' -l field-strategy -x -a 'resize tiles' -d 'Resize fields to the training resolution and back, or sample tiles (shared noise, stitched) (default: resize)'
 complete -c cpvs -n '__cpvs_using predict-plate' -l residual-unet -r -F -d 'Residual diffusion models (trained with --residual-of): the U-Net run or checkpoint they were trained on, when it is no longer where the checkpoint says (its digest is checked)'

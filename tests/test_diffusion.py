@@ -199,6 +199,20 @@ def test_ddpm_trains_and_predicts_plates_with_uncertainty(sim_root, tmp_path):
                                                        **dict(cfg, batch_size=2)))
     for p in (tmp_path / "pred").glob("*.tiff"):
         assert p.read_bytes() == (tmp_path / "pred2" / p.name).read_bytes()
+    # --estimate mean: the first step's clean estimates averaged; the same samples, hence the same std maps.
+    # With one step a sample is its first estimate, so both estimates agree exactly.
+    one = dict(cfg, shard=(1, 6), dtype="float32")
+    for est in ("samples", "mean"):
+        for steps in (1, 5):
+            predict_plate(PredictConfig(plate, tmp_path / f"{est}{steps}", tmp_path / "ddpm", estimate=est, **dict(one, steps=steps)))
+    runs = {d: discover_plate(tmp_path / d).fields for d in ("samples1", "mean1", "samples5", "mean5")}
+    for i, f in enumerate(runs["mean5"]):
+        for c, path in f.files.items():
+            same = np.array_equal(read_image(path), read_image(runs["samples5"][i].files[c]))
+            assert same == c.endswith("_std"), c
+            assert np.array_equal(read_image(runs["mean1"][i].files[c]), read_image(runs["samples1"][i].files[c])), c
+    with pytest.raises(CpvsError, match="estimate"):  # a rerun into the same folder with the other estimate
+        predict_plate(PredictConfig(plate, tmp_path / "mean5", tmp_path / "ddpm", estimate="samples", **dict(one, steps=5)))
     # guidance, other samplers and the tile strategy run
     g = predict_plate(PredictConfig(plate, tmp_path / "guided", tmp_path / "ddpm", sampler="ddpm", steps=4,
                                                        guidance=1.0, classifier=tmp_path / "clf", device="cpu", shard=(1, 6)))

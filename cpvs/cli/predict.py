@@ -18,6 +18,7 @@ OutDtype = choices("OutDtype", "uint16 float32")
 OutFormat = choices("OutFormat", "tiff ome-zarr")
 Sampler = choices("Sampler", "ddpm ddim dpmpp")
 FieldStrategy = choices("FieldStrategy", "resize tiles")
+Estimate = choices("Estimate", "samples mean")
 
 
 T, D = TileOptions(), DiffusionOptions()
@@ -52,6 +53,7 @@ def predict_plate(
     classifier: Annotated[Optional[Path], typer.Option(metavar="RUN|FILE", help="Run folder or checkpoint of `cpvs train --model classifier`, for --guidance.", rich_help_panel=P_DIFF)] = None,
     label_col: Annotated[Optional[str], typer.Option(metavar="COLUMN", help="Metadata column with each field's class (default: the model's own; 'none' samples without).", rich_help_panel=P_DIFF)] = None,
     samples: Annotated[Optional[int], typer.Option(help=f"Samples per field; K > 1 also writes per-pixel std maps (<channel>_std) (default: {D.samples}).", rich_help_panel=P_DIFF)] = None,
+    estimate: Annotated[Optional[Estimate], typer.Option(help=f"What the written intensities are: the mean of the --samples (samples), or the network's clean-image estimate at the first step, averaged over the samples' starts (mean: the posterior mean the samples' mean approaches as K grows; the best per-pixel prediction, smoother than a sample). <channel>_std maps come from the samples either way (default: {D.estimate}).", rich_help_panel=P_DIFF)] = None,
     seed: Annotated[Optional[int], typer.Option(help=f"Seed; a field's samples depend only on it and the field (default: {D.seed}).", rich_help_panel=P_DIFF)] = None,
     field_strategy: Annotated[Optional[FieldStrategy], typer.Option(help=f"Resize fields to the training resolution and back, or sample tiles (shared noise, stitched) (default: {D.field_strategy}).", rich_help_panel=P_DIFF)] = None,
     residual_unet: Annotated[Optional[Path], typer.Option(metavar="RUN|FILE", help="Residual diffusion models (trained with --residual-of): the U-Net run or checkpoint they were trained on, when it is no longer where the checkpoint says (its digest is checked).", rich_help_panel=P_DIFF)] = None,
@@ -82,7 +84,7 @@ def predict_plate(
         workers=workers, illum_fields=illum_fields, on_error=on_error.value, overwrite=overwrite, batch_size=batch_size,
         tile=tile, stride=stride,
         stitch=value(stitch), sampler=value(sampler), steps=steps, eta=eta, clip_denoised=clip_denoised, guidance=guidance,
-        classifier=classifier, label_col=label_col, samples=samples, seed=seed, field_strategy=value(field_strategy),
+        classifier=classifier, label_col=label_col, samples=samples, estimate=value(estimate), seed=seed, field_strategy=value(field_strategy),
         residual_unet=residual_unet,
     )
     with progress_bar(st.quiet) as cb:

@@ -32,6 +32,7 @@ class DiffusionOptions:
     classifier: Path | None = None
     label_col: str | None = None  # default: the column the model was trained with
     samples: int = 1
+    estimate: str = "samples"  # what is written: the samples' mean, or the network's posterior-mean estimate ("mean")
     seed: int = 0
     field_strategy: str = "resize"
     residual_unet: Path | None = None  # residual diffusion: the U-Net, when it moved from the path the checkpoint records
@@ -71,6 +72,7 @@ class PredictConfig:
     classifier: Path | None = None
     label_col: str | None = None
     samples: int | None = None
+    estimate: str | None = None
     seed: int | None = None
     field_strategy: str | None = None
     residual_unet: Path | None = None

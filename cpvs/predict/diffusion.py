@@ -13,7 +13,10 @@ Field strategy (``field_strategy``):
 
 Fields of several wells share a batch. ``samples`` K > 1 draws K samples per
 field and writes their per-pixel mean (the prediction) and standard deviation
-(``<channel>_std``, an uncertainty map in the same intensity units). Every
+(``<channel>_std``, an uncertainty map in the same intensity units). With
+``estimate="mean"`` the prediction is instead the network's clean-image estimate at
+the first step (pure noise, so it estimates E[stains | input]), averaged over the K
+starts: the limit the samples' mean approaches, at no extra cost. Every
 random number of a field comes from a generator seeded by (seed, field, sample),
 so results do not depend on batching, sharding or resuming. Classifier guidance
 works with both strategies.
@@ -198,22 +201,32 @@ def run(job, progress) -> tuple[int, list[dict], dict]:
     plan = job.plan
     info = f"{opts.sampler} {len(sampler.steps)} steps" + (", tiles" if opts.field_strategy == "tiles" else "")
 
-    def sample_batch(x: torch.Tensor, labels: torch.Tensor, noise_of: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """Run the sampler on a batch; ``noise_of()`` draws the batch's next noise (y_T first, then each step's)."""
+    def sample_batch(x: torch.Tensor, labels: torch.Tensor, noise_of: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the sampler on a batch; ``noise_of()`` draws the batch's next noise (y_T first, then each step's).
+        Returns the samples and the clean-image estimate of the first step (the posterior mean's estimate)."""
 
         def model_fn(y, t):
             with autocast(device, cfg.precision):
                 return net(x, y, schedule.gamma(t), labels).float()
 
         noise0 = noise_of()
-        with torch.inference_mode(False), torch.no_grad():
-            return sampler.sample(model_fn, noise0, lambda _i: noise_of(), cond.grad_fn(labels, schedule, device), opts.guidance)
+        first: list[torch.Tensor] = []
 
-    def finish(f: Field, native, work_shape, samples_arr: np.ndarray) -> None:
-        """(K, C, h, w) samples at work resolution -> mean (and std) TIFFs at native size."""
+        def keep_first(i, _t, _y, x0):
+            if i == 0:
+                first.append(x0.float())
+        with torch.inference_mode(False), torch.no_grad():
+            y = sampler.sample(model_fn, noise0, lambda _i: noise_of(), cond.grad_fn(labels, schedule, device), opts.guidance,
+                               callback=keep_first)
+        return y, first[0]
+
+    def finish(f: Field, native, work_shape, samples_arr: np.ndarray, first_arr: np.ndarray) -> None:
+        """(K, C, h, w) samples and first-step estimates at work resolution -> the prediction (the samples'
+        mean, or with ``estimate="mean"`` the estimates' mean) and the samples' std, as TIFFs at native size."""
         h, w = work_shape
         spread = samples_arr.std(axis=0)[:, :h, :w] if opts.samples > 1 else None
-        job.writer.write(f, native, samples_arr.mean(axis=0)[:, :h, :w], spread)
+        point = first_arr if opts.estimate == "mean" else samples_arr
+        job.writer.write(f, native, point.mean(axis=0)[:, :h, :w], spread)
 
     written = 0
     skipped: list[dict] = []
@@ -246,9 +259,11 @@ def run(job, progress) -> tuple[int, list[dict], dict]:
                 x, native = r
                 base = residual.base(x) if residual is not None else None
                 xc = np.concatenate([x, base]) if base is not None else x
-                samples = np.stack([_sample_tiles(xc, f, k, cond.class_of(f), job, opts, tiles, sample_batch)
-                                    for k in range(opts.samples)])
-                finish(f, native, x.shape[1:], residual.add(base, samples) if residual is not None else samples)
+                samples, firsts = (np.stack(a) for a in zip(*[_sample_tiles(xc, f, k, cond.class_of(f), job, opts, tiles, sample_batch)
+                                                              for k in range(opts.samples)]))
+                if residual is not None:
+                    samples, firsts = residual.add(base, samples), residual.add(base, firsts)
+                finish(f, native, x.shape[1:], samples, firsts)
                 written += 1
                 progress("fields", len(plan.done) + written, len(plan.fields), info=info)
     finally:
@@ -276,17 +291,18 @@ def _sample_resized(chunk, job, opts, cond: Conditioning, sample_batch, finish, 
     def noise_of() -> torch.Tensor:
         return torch.stack([torch.randn(s, generator=g) for g, s in zip(gens, shapes)]).to(device)
 
-    y = sample_batch(torch.stack(xs).to(device), torch.tensor(labels, device=device), noise_of).cpu().numpy()
+    y, first = (t.cpu().numpy() for t in sample_batch(torch.stack(xs).to(device), torch.tensor(labels, device=device), noise_of))
+    K = opts.samples
     if bases is not None:
-        y = np.concatenate([residual.add(b, y[j * opts.samples : (j + 1) * opts.samples]) for j, b in enumerate(bases)])
-    futures = [writer.submit(finish, f, native, x.shape[1:], y[j * opts.samples : (j + 1) * opts.samples])
+        y, first = (np.concatenate([residual.add(b, a[j * K : (j + 1) * K]) for j, b in enumerate(bases)]) for a in (y, first))
+    futures = [writer.submit(finish, f, native, x.shape[1:], y[j * K : (j + 1) * K], first[j * K : (j + 1) * K])
                for j, (f, (x, native)) in enumerate(chunk)]
     for fut in futures:
         fut.result()  # re-raises write errors (e.g. disk full)
 
 
-def _sample_tiles(x, f, k, label, job, opts, tiles, sample_batch) -> np.ndarray:
-    """One sample of a field by tiles (all tiles of the field in one batch), their noise cut
+def _sample_tiles(x, f, k, label, job, opts, tiles, sample_batch) -> tuple[np.ndarray, np.ndarray]:
+    """One sample of a field (and its first-step clean estimate) by tiles (all tiles of the field in one batch), their noise cut
     from one field-sized noise image per step so overlapping tiles agree on it."""
     h, w = x.shape[1:]
     if h < tiles.tile or w < tiles.tile:
@@ -301,5 +317,5 @@ def _sample_tiles(x, f, k, label, job, opts, tiles, sample_batch) -> np.ndarray:
         full = torch.randn((n_out, h, w), generator=gen)  # drawn in step order: the same for any batching
         return torch.stack([full[:, y0 : y0 + tiles.tile, x0 : x0 + tiles.tile] for y0, x0 in corners]).to(device)
 
-    out = sample_batch(tiles_x, labels, field_noise).cpu().numpy()
-    return stitch(out, (h, w), tiles.tile, tiles.stride, tiles.stitch)
+    out, first = sample_batch(tiles_x, labels, field_noise)
+    return tuple(stitch(a.cpu().numpy(), (h, w), tiles.tile, tiles.stride, tiles.stitch) for a in (out, first))

@@ -7,10 +7,13 @@
 #     only what that U-Net misses (train --residual-of); predict-plate adds the U-Net back.
 # The 15-minute U-Net is the 7-minute one resumed for 8 more minutes (constant learning rate, exact
 # resume), so both models start from the same U-Net. Sampling: 20 ancestral steps, 4 samples per
-# field (mean + <stain>_std maps); evaluate --images reports PCC and, for the ddpm, the Spearman
-# correlation of each std map with the absolute error. One field cannot estimate an illumination
-# function, so correction is off. Run from the repository root with the virtual environment
-# active; about 40 minutes on 2 cores.
+# field. The ddpm's prediction is written twice: its posterior-mean estimate (--estimate mean: the
+# network's clean-image estimate at the first step, averaged over the 4 starts) and the 4 samples'
+# mean (--estimate samples); the <stain>_std maps come from the samples in both. evaluate --images
+# reports PCC and, for the ddpm, the Spearman correlation of each std map with the absolute error;
+# the base U-Net (UNET_MINUTES) is evaluated too. One field cannot estimate an illumination function, so
+# correction is off. Run from the repository root with the virtual environment active; about 40
+# minutes on 2 cores.
 set -euo pipefail
 FIELD=../shared/data/fields/pediatric_BR00143976_C03_f03
 OUT=${OUT:-/tmp/cpvs-pediatric-diffusion}
@@ -30,15 +33,18 @@ cpvs --device cpu train --model ddpm --data "$OUT/left.zarr" -o "$OUT/ddpm" --re
     --head-channels 32 --dropout 0 --crop 128 --batch-size 4 --lr 5e-4 --epochs 1000 --steps-per-epoch 25 \
     --max-minutes "$DDPM_MINUTES"
 cpvs --device cpu predict-plate "$OUT/right" --checkpoint "$OUT/unet-alone" -o "$OUT/pred-unet"
-cpvs --device cpu predict-plate "$OUT/right" --checkpoint "$OUT/ddpm" -o "$OUT/pred-ddpm" \
-    --steps "$STEPS" --samples "$SAMPLES" --seed 0
-for model in unet ddpm; do
+cpvs --device cpu predict-plate "$OUT/right" --checkpoint "$OUT/unet-base" -o "$OUT/pred-unet-base"
+for estimate in mean samples; do
+    cpvs --device cpu predict-plate "$OUT/right" --checkpoint "$OUT/ddpm" -o "$OUT/pred-ddpm-$estimate" \
+        --steps "$STEPS" --samples "$SAMPLES" --estimate "$estimate" --seed 0
+done
+for model in unet unet-base ddpm-mean ddpm-samples; do
     cpvs evaluate --images --pred "$OUT/pred-$model" --truth "$OUT/right" --truth-illum-size 0 -o "$OUT/eval-$model"
 done
 python - "$OUT" <<'EOF'
 import json, sys
 out = sys.argv[1]
-for model in ("unet", "ddpm"):
+for model in ("unet", "unet-base", "ddpm-mean", "ddpm-samples"):
     rows = json.load(open(f"{out}/eval-{model}/results.json"))["images"]["summary"]
     pcc = " ".join(f"{r['channel']} {r['pcc_mean']:.3f}" for r in rows)
     rho = " ".join(f"{r['channel']} {r['std_spearman_mean']:.3f}" for r in rows if "std_spearman_mean" in r)
