@@ -16,7 +16,6 @@ The comparisons are cp_measure's own expressions (``f < m / scale_max``,
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 import torch
 
@@ -125,28 +124,6 @@ def _regression(obj: Objects, values, centred, p: int, q: int, ss, vmax, vmin, z
     return a, b, ok
 
 
-@numba.njit(cache=True, nogil=True)
-def _unpack_and_sum(packed, bits, offset, cp, cq, at, key, x, y, cx, cy, cxy):
-    """:class:`_Prefix`'s CPU path, one pass per pair instead of seven array operations: from sorted
-    packed keys (M,), write key, x, y at ``at`` .. ``at + M`` and continue the running sums of x, y
-    and x * y (the same sequential sums as ``np.cumsum``) from their values at ``at``."""
-    low = (1 << bits) - 1
-    sx, sy, sxy = cx[at], cy[at], cxy[at]
-    for i in range(packed.size):
-        v = packed[i]
-        pix = v & low
-        a, b = cp[pix], cq[pix]
-        key[at + i] = (v >> bits) + offset
-        x[at + i] = a
-        y[at + i] = b
-        sx += a
-        sy += b
-        sxy += a * b
-        cx[at + i + 1] = sx
-        cy[at + i + 1] = sy
-        cxy[at + i + 1] = sxy
-
-
 class _Prefix:
     """Pixels sorted by (group, grid step) with prefix sums of their centred channel values, so
     that the sums over the pixels of every group whose step is <= m cost one binary search per group.
@@ -172,7 +149,7 @@ class _Prefix:
             arrays = [t.numpy() for t in (self.key, self.x, self.y, *self.cums)]
             for k, packed in parts:
                 p, q = pairs[k]
-                _unpack_and_sum(np.sort(packed.numpy()), bits, k * n * span, centred[p].numpy(), centred[q].numpy(), at, *arrays)
+                costes_search.unpack_and_sum(np.sort(packed.numpy()), bits, k * n * span, centred[p].numpy(), centred[q].numpy(), at, *arrays)
                 at += packed.numel()
         else:
             for k, packed in parts:
@@ -253,9 +230,14 @@ def costes(obj: Objects, values: torch.Tensor, pairs: list[tuple[int, int]], sca
         s, pa, pb, psign = values[q], obj.expand(a), obj.expand(b), obj.expand(sign)
         # The step at which s crosses the line s = a t + b: for a > 0 the first step with s below
         # it, for a < 0 the first step with s no longer below it.
-        c = _first_grid_step((s - pb) * obj.expand(S / a),
-                             lambda m, i: (s[i] < pa[i] * (m / S) + pb[i]) ^ (psign[i] < 0))
-        c = (c.clamp_(-2, scale_max + 4) + 2) * scale_bits
+        if numpy_path(s):
+            c = torch.empty_like(s)
+            costes_search.line_steps(s.contiguous().numpy(), obj.seg.numpy(), a.numpy(), b.numpy(), sign.numpy(), S,
+                                     scale_max, scale_bits, c.numpy())
+        else:
+            c = _first_grid_step((s - pb) * obj.expand(S / a),
+                                 lambda m, i: (s[i] < pa[i] * (m / S) + pb[i]) ^ (psign[i] < 0))
+            c = (c.clamp_(-2, scale_max + 4) + 2) * scale_bits
         if bool((sign > 0).any()):
             key = base + torch.minimum(cf_shifted[p], c).to(torch.int64)
             pos_parts.append((k, select(key, psign > 0)))
@@ -347,6 +329,13 @@ def costes(obj: Objects, values: torch.Tensor, pairs: list[tuple[int, int]], sca
     thr_f = (m_final / S).reshape(K, n)
     thr_s = a_all * thr_f + b_all
     c1, c2 = nan.clone(), nan.clone()
+    if numpy_path(values):
+        sums = torch.zeros((K, 4, n), dtype=F64)
+        costes_search.coefficient_sums(values.contiguous().numpy(), pf.numpy(), pq.numpy(), thr_f.contiguous().numpy(),
+                          thr_s.contiguous().numpy(), obj.starts.numpy(), obj.count.to(torch.int64).numpy(), sums.numpy())
+        tot_f, tot_s, over_f, over_s = sums.unbind(1)
+        good = found.view(K, n) & (tot_f > 0) & (tot_s > 0)
+        return torch.where(good, over_f / tot_f, nan), torch.where(good, over_s / tot_s, nan)
     for k, (p, q) in enumerate(pairs):
         f, s = values[p], values[q]
         tf, ts = obj.expand(thr_f[k]), obj.expand(thr_s[k])

@@ -1,5 +1,7 @@
 """Costes' threshold search (cp_measure's ``bisection_costes``) for every group (channel pair x
-object) of :func:`cpvs.profile.engine.costes.costes`.
+object) of :func:`cpvs.profile.engine.costes.costes`, and the compiled per-pixel passes around it
+on the CPU (each one pass where the torch path takes several pixel-sized operations: the line
+crossings, the prefix sums, the final coefficient sums).
 
 * :func:`search_lockstep` (GPU): the groups in lockstep, ~60 rounds of ~40 tensor operations
   over all groups;
@@ -18,6 +20,68 @@ import numpy as np
 import torch
 
 F64 = torch.float64
+
+
+@numba.njit(cache=True, nogil=True)
+def unpack_and_sum(packed, bits, offset, cp, cq, at, key, x, y, cx, cy, cxy):
+    """:class:`cpvs.profile.engine.costes._Prefix`'s CPU path, one pass per pair instead of seven array operations: from sorted
+    packed keys (M,), write key, x, y at ``at`` .. ``at + M`` and continue the running sums of x, y
+    and x * y (the same sequential sums as ``np.cumsum``) from their values at ``at``."""
+    low = (1 << bits) - 1
+    sx, sy, sxy = cx[at], cy[at], cxy[at]
+    for i in range(packed.size):
+        v = packed[i]
+        pix = v & low
+        a, b = cp[pix], cq[pix]
+        key[at + i] = (v >> bits) + offset
+        x[at + i] = a
+        y[at + i] = b
+        sx += a
+        sy += b
+        sxy += a * b
+        cx[at + i + 1] = sx
+        cy[at + i + 1] = sy
+        cxy[at + i + 1] = sxy
+
+
+@numba.njit(cache=True, nogil=True)
+def coefficient_sums(values, pf, pq, thr_f, thr_s, starts, counts, out):
+    """Per pair k and object: the sums of f >= its threshold, of s >= its own, and of f and of s
+    where both are above (out (K, 4, n)), one pass over the object's pixels."""
+    for k in range(pf.size):
+        for o in range(starts.size):
+            tf, ts = thr_f[k, o], thr_s[k, o]
+            a, b, c, d = 0.0, 0.0, 0.0, 0.0
+            for i in range(starts[o], starts[o] + counts[o]):
+                f, s = values[pf[k], i], values[pq[k], i]
+                if f >= tf:
+                    a += f
+                if s >= ts:
+                    b += s
+                if f > tf and s > ts:
+                    c += f
+                    d += s
+            out[k, 0, o], out[k, 1, o], out[k, 2, o], out[k, 3, o] = a, b, c, d
+
+
+@numba.njit(cache=True, nogil=True)
+def line_steps(s, seg, a, b, sign, S, scale_max, scale_bits, out):
+    """Per pixel, the grid step where the second channel s crosses its object's line s = a t + b
+    (for a > 0 the first step with s below it, for a < 0 the first with s no longer below it),
+    clamped to -2 .. scale_max + 4 and shifted into key position, as the torch path's
+    ``_first_grid_step`` (estimates within 1e-6 of an integer settled by the exact comparison)."""
+    for i in range(s.size):
+        o = seg[i]
+        q = (s[i] - b[o]) * (S / a[o])
+        c = np.floor(q)
+        frac = q - c
+        c += 1
+        if frac < 1e-6 or frac > 1 - 1e-6:
+            if not ((s[i] < a[o] * (c / S) + b[o]) ^ (sign[o] < 0)):
+                c += 1
+            if (s[i] < a[o] * ((c - 1) / S) + b[o]) ^ (sign[o] < 0):
+                c -= 1
+        out[i] = (min(max(c, -2.0), scale_max + 4.0) + 2) * scale_bits
 
 
 @numba.njit(cache=True, nogil=True)

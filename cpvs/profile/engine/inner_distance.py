@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 
+import numba
 import numpy as np
 import torch
 
@@ -120,7 +121,12 @@ def edge_distance2(obj: Objects) -> torch.Tensor:
 def edge_distance(obj: Objects) -> torch.Tensor:
     """(P,) Euclidean distance of each object pixel to the nearest pixel of another label (inf when the
     object has none within the field): scipy's EDT of each object alone on the CPU, the separable
-    scan of :func:`edge_distance2` elsewhere."""
+    scan of :func:`edge_distance2` elsewhere. Remembered per label image (radii and the radial
+    distribution use it)."""
+    return cached_on(obj.labels, ("edge_distance", obj.n), lambda: _edge_distance(obj))
+
+
+def _edge_distance(obj: Objects) -> torch.Tensor:
     if not _numpy_path(obj.labels):
         return edge_distance2(obj).sqrt()
     from scipy.ndimage import distance_transform_edt
@@ -160,6 +166,11 @@ def geodesic(obj: Objects, centre: torch.Tensor) -> torch.Tensor:
     p = obj.seg.numel()
     dev = obj.device
     pos = cached_on(obj.labels, ("positions", obj.n), lambda: _positions(obj))
+    if _numpy_path(obj.seg):
+        out = torch.empty(p, dtype=F64)
+        h, w = obj.labels.shape
+        _geodesic_compiled(obj.y.numpy(), obj.x.numpy(), obj.seg.numpy(), pos.numpy(), h, w, centre.numpy(), out.numpy())
+        return out
     c = _take(centre.clamp(max=p - 1), obj.seg)
     sy, sx = torch.sign(obj.y - _take(obj.y, c)).long(), torch.sign(obj.x - _take(obj.x, c)).long()
     ady, adx = (obj.y - _take(obj.y, c)).abs(), (obj.x - _take(obj.x, c)).abs()
@@ -231,3 +242,134 @@ def _dijkstra(table: torch.Tensor, q: torch.Tensor, v: torch.Tensor, step: torch
     data = np.concatenate([np.broadcast_to(step, t.shape)[edge], start[first]])
     graph = csr_matrix((data, (rows, cols)), shape=(r + 1, r + 1))
     return torch.from_numpy(dijkstra(graph, directed=True, indices=r)[:r])
+
+
+@numba.njit(cache=True, nogil=True)
+def _geodesic_compiled(ys, xs, seg, pos, h, w, centre, out):
+    """:func:`geodesic` on the CPU, the same steps in compiled code: octile distances, the chains
+    towards the centre resolved with memory, then Dijkstra (a binary heap) over the other pixels
+    from their exact neighbours."""
+    P = ys.size
+
+    def _neighbour(ys, xs, seg, pos, h, w, p, dy, dx):  # a closure: numba inlines it (a function call would count references)
+        y, x = int(ys[p]) + dy, int(xs[p]) + dx
+        if y < 0 or y >= h or x < 0 or x >= w:
+            return -1
+        q = pos[y * w + x]
+        return q if q >= 0 and seg[q] == seg[p] else -1
+
+    pred = np.empty(P, np.int64)
+    for p in range(P):
+        c = centre[seg[p]]
+        ady, adx = abs(ys[p] - ys[c]), abs(xs[p] - xs[c])
+        lo, hi = min(ady, adx), max(ady, adx)
+        out[p] = (hi - lo) + lo * SQRT2
+        sy, sx = int(np.sign(ys[p] - ys[c])), int(np.sign(xs[p] - xs[c]))
+        pred[p] = P
+        if p == c:
+            pred[p] = p
+            continue
+        if lo > 0:
+            q = _neighbour(ys, xs, seg, pos, h, w, p, -sy, -sx)
+            if q >= 0:
+                pred[p] = q
+                continue
+        if hi > lo:
+            q = _neighbour(ys, xs, seg, pos, h, w, p, -sy if ady > adx else 0, -sx if adx > ady else 0)
+            if q >= 0:
+                pred[p] = q
+    state = np.zeros(P, np.int8)  # 0 unknown, 1 exact (the chain reaches the centre), 2 not
+    path = np.empty(P, np.int64)
+    rest = 0
+    for p in range(P):
+        n, q = 0, p
+        while True:
+            if state[q]:
+                verdict = state[q]
+                break
+            path[n] = q
+            n += 1
+            if pred[q] == q:
+                verdict = 1
+                break
+            q = pred[q]
+            if q == P:
+                verdict = 2
+                break
+        for i in range(n):
+            state[path[i]] = verdict
+    for p in range(P):
+        if state[p] == 2:
+            rest += 1
+    if rest == 0:
+        return
+    # Dijkstra over the other pixels, started from their exact neighbours.
+    dist = np.full(P, np.inf)
+    heap_d = np.empty(9 * rest + 1)
+    heap_n = np.empty(9 * rest + 1, np.int64)
+    size = 0
+    for p in range(P):
+        if state[p] != 2:
+            continue
+        best = np.inf
+        for dy in range(-1, 2):
+            for dx in range(-1, 2):
+                if dy or dx:
+                    q = _neighbour(ys, xs, seg, pos, h, w, p, dy, dx)
+                    if q >= 0 and state[q] == 1:
+                        best = min(best, out[q] + (SQRT2 if dy and dx else 1.0))
+        if best < np.inf:
+            dist[p] = best
+            size = _push(heap_d, heap_n, size, best, p)
+    done = np.zeros(P, np.bool_)
+    while size:
+        du, u = heap_d[0], heap_n[0]
+        size = _pop(heap_d, heap_n, size)
+        if done[u] or du > dist[u]:
+            continue
+        done[u] = True
+        for dy in range(-1, 2):
+            for dx in range(-1, 2):
+                if dy or dx:
+                    q = _neighbour(ys, xs, seg, pos, h, w, u, dy, dx)
+                    if q >= 0 and state[q] == 2 and not done[q]:
+                        nd = du + (SQRT2 if dy and dx else 1.0)
+                        if nd < dist[q]:
+                            dist[q] = nd
+                            size = _push(heap_d, heap_n, size, nd, q)
+    for p in range(P):
+        if state[p] == 2:
+            out[p] = dist[p]
+
+
+@numba.njit(cache=True, nogil=True)
+def _push(heap_d, heap_n, size, d, n):
+    i = size
+    heap_d[i], heap_n[i] = d, n
+    while i:
+        parent = (i - 1) >> 1
+        if heap_d[parent] <= heap_d[i]:
+            break
+        heap_d[i], heap_d[parent] = heap_d[parent], heap_d[i]
+        heap_n[i], heap_n[parent] = heap_n[parent], heap_n[i]
+        i = parent
+    return size + 1
+
+
+@numba.njit(cache=True, nogil=True)
+def _pop(heap_d, heap_n, size):
+    """Remove the root; returns the new size."""
+    size -= 1
+    heap_d[0], heap_n[0] = heap_d[size], heap_n[size]
+    i = 0
+    while True:
+        small, left = i, 2 * i + 1
+        if left < size and heap_d[left] < heap_d[small]:
+            small = left
+        if left + 1 < size and heap_d[left + 1] < heap_d[small]:
+            small = left + 1
+        if small == i:
+            return size
+        heap_d[i], heap_d[small] = heap_d[small], heap_d[i]
+        heap_n[i], heap_n[small] = heap_n[small], heap_n[i]
+        i = small

@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import math
 
+import numba
 import numpy as np
 import torch
 from scipy import ndimage
 
-from cpvs.profile.engine.objects import F64, Hulls, Objects, convex_hulls
+from cpvs.profile.engine.inner_distance import edge_distance
+from cpvs.profile.engine.objects import F64, Hulls, Objects, convex_hulls, numpy_path
 
 SQRT2 = math.sqrt(2.0)
 _PERIMETER_WEIGHTS = torch.zeros(50, dtype=F64)
@@ -36,7 +38,7 @@ _EULER8 = torch.tensor([0, 0, 0, 0, 0, 0, -1, 0, 1, 0, 0, 0, 0, 0, -1, 0], dtype
 _a, _b, _c = math.pi / 4 * (1 + 1 / SQRT2), math.pi / (4 * SQRT2), math.pi / (2 * SQRT2)
 _CROFTON4 = torch.tensor([0, _a, _b, _c, 0, _a, 0, _b, math.pi / 4, math.pi / 2, _b, _b, math.pi / 4, math.pi / 2, 0, 0],
                          dtype=F64)
-MONTAGE_PIXELS = 2**23  # crop pixels per scipy montage (filled area, radii)
+MONTAGE_PIXELS = 2**23  # crop pixels per scipy montage (filled area)
 
 
 def _padded(labels: torch.Tensor) -> torch.Tensor:
@@ -46,6 +48,10 @@ def _padded(labels: torch.Tensor) -> torch.Tensor:
 def perimeters(obj: Objects) -> torch.Tensor:
     """(n,) skimage ``perimeter(image, 4)`` of every object."""
     lab = _padded(obj.labels)
+    if numpy_path(lab):
+        out = torch.zeros(obj.n, dtype=F64)
+        _perimeter_pass(lab.numpy(), _PERIMETER_WEIGHTS.numpy(), out.numpy())
+        return out
     H2, W2 = lab.shape
     flat_lab = lab.reshape(-1)
     # Border pixels: the object's pixels with a 4-neighbour outside the object (or the field).
@@ -70,6 +76,10 @@ def euler_and_crofton(obj: Objects) -> tuple[torch.Tensor, torch.Tensor]:
     label's configuration. Uniform windows add nothing, so only windows next to a border count.
     """
     lab = _padded(obj.labels)
+    if numpy_path(lab):
+        out = torch.zeros((2, obj.n + 1), dtype=F64)
+        _window_pass(lab.numpy(), _EULER8.numpy(), _CROFTON4.numpy(), out.numpy())
+        return out[0, 1:], out[1, 1:]
     br, ab, le, al = lab[1:, 1:], lab[:-1, 1:], lab[1:, :-1], lab[:-1, :-1]  # pixel, above, left, above-left
     mixed = torch.nonzero(((br != ab) | (br != le) | (br != al)).reshape(-1)).squeeze(1)
     br, ab, le, al = (t.reshape(-1)[mixed] for t in (br, ab, le, al))
@@ -88,6 +98,56 @@ def euler_and_crofton(obj: Objects) -> tuple[torch.Tensor, torch.Tensor]:
     add(le, 4 + 8 * (al == le).to(i64), (le != br) & (le != ab))
     add(al, torch.full_like(al, 8), (al != br) & (al != ab) & (al != le))
     return euler[1:], crofton[1:]
+
+
+@numba.njit(cache=True, nogil=True)
+def _perimeter_pass(lab, weights, out):
+    """:func:`perimeters` on the CPU: border pixels, then each one's code from its border neighbours
+    of the same object, summed per object in row-major order (the torch path's order)."""
+    H2, W2 = lab.shape
+    border = np.zeros((H2, W2), np.bool_)
+    for y in range(1, H2 - 1):
+        for x in range(1, W2 - 1):
+            c = lab[y, x]
+            border[y, x] = c > 0 and (lab[y - 1, x] != c or lab[y + 1, x] != c or lab[y, x - 1] != c or lab[y, x + 1] != c)
+    for y in range(1, H2 - 1):
+        for x in range(1, W2 - 1):
+            if not border[y, x]:
+                continue
+            c = lab[y, x]
+            code = 1
+            for dy in range(-1, 2):
+                for dx in range(-1, 2):
+                    if (dy or dx) and lab[y + dy, x + dx] == c and border[y + dy, x + dx]:
+                        code += 10 if dy and dx else 2
+            out[c - 1] += weights[code]
+
+
+@numba.njit(cache=True, nogil=True)
+def _window_pass(lab, euler, crofton, out):
+    """:func:`euler_and_crofton` on the CPU: every 2x2 window of the padded labels adds, for each
+    label in it (first occurrence: pixel, above, left, above-left), its configuration's coefficients."""
+    H2, W2 = lab.shape
+    for y in range(1, H2):
+        for x in range(1, W2):
+            br, ab, le, al = lab[y, x], lab[y - 1, x], lab[y, x - 1], lab[y - 1, x - 1]
+            if br == ab and br == le and br == al:
+                continue
+            if br > 0:
+                code = 1 + 2 * (ab == br) + 4 * (le == br) + 8 * (al == br)
+                out[0, br] += euler[code]
+                out[1, br] += crofton[code]
+            if ab != br and ab > 0:
+                code = 2 + 4 * (le == ab) + 8 * (al == ab)
+                out[0, ab] += euler[code]
+                out[1, ab] += crofton[code]
+            if le != br and le != ab and le > 0:
+                code = 4 + 8 * (al == le)
+                out[0, le] += euler[code]
+                out[1, le] += crofton[code]
+            if al != br and al != ab and al != le and al > 0:
+                out[0, al] += euler[8]
+                out[1, al] += crofton[8]
 
 
 def convex_areas(obj: Objects, hulls: Hulls) -> torch.Tensor:
@@ -134,32 +194,34 @@ def convex_areas(obj: Objects, hulls: Hulls) -> torch.Tensor:
 
 
 def filled_areas_and_radii(obj: Objects) -> dict[str, torch.Tensor]:
-    """FilledArea and the Maximum/Mean/MedianRadius of every object, from scipy on crop montages.
+    """FilledArea from scipy on crop montages, and the Maximum/Mean/MedianRadius of every object.
 
     Each object's crop is padded by one background pixel, and crops are stacked vertically, so a
-    crop's own padding separates it from the others: hole filling and the distance to the outside
-    are those of the object alone, as cp_measure computes them crop by crop.
+    crop's own padding separates it from the others: hole filling is that of the object alone, as
+    cp_measure computes it crop by crop. The radius is the distance to the nearest pixel outside the
+    object, the field's border included (cp_measure pads each crop): the edge distances the radial
+    distribution uses (remembered per label image), capped by the distance out of the field.
     """
     n = obj.n
-    out = {k: np.full(n, np.nan) for k in ("FilledArea", "MaximumRadius", "MeanRadius", "MedianRadius")}
+    filled = np.full(n, np.nan)
     for index in obj.batches(MONTAGE_PIXELS, pad=1, max_waste=1.3):
         m = obj.masks(pad=1, index=index).cpu().numpy()
         k, h, w = m.shape
-        flat = m.reshape(k * h, w)
-        idx = index.cpu().numpy()
-        out["FilledArea"][idx] = ndimage.binary_fill_holes(flat, np.ones((3, 3), bool)).reshape(k, h, w).sum((1, 2))
-        # Squared distances are integers: sort them exactly within each crop for the medians.
-        d2 = np.rint(ndimage.distance_transform_edt(flat, return_distances=True) ** 2).astype(np.int64).reshape(k, h, w)
-        crop = np.nonzero(m)[0]
-        counts = np.bincount(crop, minlength=k)
-        starts = np.cumsum(counts) - counts
-        d2 = np.sort((crop << 32) | d2[m]) & 0xFFFFFFFF
-        dist = np.sqrt(d2)
-        out["MaximumRadius"][idx] = dist[starts + counts - 1]
-        out["MeanRadius"][idx] = np.add.reduceat(dist, starts) / counts
-        lo, hi = starts + (counts - 1) // 2, starts + counts // 2
-        out["MedianRadius"][idx] = (dist[lo] + dist[hi]) / 2
-    return {k: torch.as_tensor(v, device=obj.device) for k, v in out.items()}
+        filled[index.cpu().numpy()] = ndimage.binary_fill_holes(m.reshape(k * h, w), np.ones((3, 3), bool)).reshape(k, h, w).sum((1, 2))
+    H, W = obj.labels.shape
+    out_of_field = torch.minimum(torch.minimum(obj.y + 1, H - obj.y), torch.minimum(obj.x + 1, W - obj.x)).to(F64)
+    d = edge_distance(obj)
+    # Squared distances are integers: sort them exactly within each object for the medians.
+    d2 = torch.minimum(torch.round(d * d), out_of_field * out_of_field).to(torch.int64)
+    key = (obj.seg << 32) | d2
+    d2 = (torch.from_numpy(np.sort(key.numpy())) if numpy_path(key) else torch.sort(key).values) & 0xFFFFFFFF
+    dist = torch.sqrt(d2.to(F64))
+    count = obj.count.to(torch.int64)
+    starts = obj.starts
+    top = max(dist.numel() - 1, 0)
+    lo, hi = (starts + (count - 1) // 2).clamp(0, top), (starts + count // 2).clamp(0, top)
+    return {"FilledArea": torch.as_tensor(filled, device=obj.device), "MaximumRadius": dist[(starts + count - 1).clamp(0, top)],
+            "MeanRadius": obj.sum(dist) / obj.count, "MedianRadius": (dist[lo] + dist[hi]) / 2}
 
 
 def _powers(t: torch.Tensor) -> torch.Tensor:

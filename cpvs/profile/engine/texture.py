@@ -28,6 +28,7 @@ from __future__ import annotations
 import weakref
 from typing import Any, Callable
 
+import numba
 import numpy as np
 import torch
 
@@ -98,6 +99,14 @@ def _pairs(obj: Objects, scale: int) -> dict[str, torch.Tensor]:
     # turns a neighbour's flat index into its position without a search.
     pos = torch.full((h * w + 1,), -1, dtype=torch.int32, device=dev)
     pos[obj.flat] = torch.arange(p, dtype=torch.int32, device=dev)
+    if obj.device.type == "cpu" and NUMPY_ON_CPU:
+        k = len(DIRECTIONS) * p
+        a, b, group = (torch.empty(k, dtype=torch.int64) for _ in range(3))
+        dys = torch.tensor([dy * scale for dy, _ in DIRECTIONS])
+        dxs = torch.tensor([dx * scale for _, dx in DIRECTIONS])
+        k = _pairs_pass(obj.y.numpy(), obj.x.numpy(), obj.seg.numpy(), pos.numpy(), h, w, dys.numpy(), dxs.numpy(),
+                        a.numpy(), b.numpy(), group.numpy())
+        return {"a": a[:k], "b": b[:k], "group": group[:k]}
     y, x = obj.y.long(), obj.x.long()
     a, b, group = [], [], []
     for d, (dy, dx) in enumerate(DIRECTIONS):
@@ -110,6 +119,22 @@ def _pairs(obj: Objects, scale: int) -> dict[str, torch.Tensor]:
         b.append(torch.index_select(second, 0, first))
         group.append(torch.index_select(obj.seg, 0, first) * len(DIRECTIONS) + d)
     return {"a": torch.cat(a), "b": torch.cat(b), "group": torch.cat(group)}
+
+
+@numba.njit(cache=True, nogil=True)
+def _pairs_pass(ys, xs, seg, pos, h, w, dys, dxs, a, b, group):
+    """:func:`_pairs` on the CPU: one pass over the pixels per direction, the same pairs in the same
+    order; returns how many."""
+    k = 0
+    for d in range(dys.size):
+        for p in range(ys.size):
+            y, x = int(ys[p]) + dys[d], int(xs[p]) + dxs[d]
+            if y < h and x >= 0 and x < w:
+                q = pos[y * w + x]
+                if q >= 0 and seg[q] == seg[p]:
+                    a[k], b[k], group[k] = p, q, seg[p] * dys.size + d
+                    k += 1
+    return k
 
 
 def _cooccurrences(a: torch.Tensor, b: torch.Tensor, group: torch.Tensor, n_groups: int,
