@@ -106,6 +106,7 @@ def main() -> None:
     ap.add_argument("--skip", default="")
     ap.add_argument("--no-reference", action="store_true", help="skip the cp_measure run")
     ap.add_argument("--fields", type=int, default=4, help="fields for the fields-per-hour runs (0: none)")
+    ap.add_argument("--repeats", type=int, default=3, help="engine runs per setting (the median is reported)")
     ap.add_argument("--dense", action="store_true", help="a dense ~2,000-object field: engine time and peak RSS")
     ap.add_argument("--dense-size", type=int, default=2600)
     ap.add_argument("--dense-render", type=Path, help=argparse.SUPPRESS)
@@ -153,22 +154,31 @@ def main() -> None:
             ref, wall, cpu = clock(lambda: cp_measure_field(images, masks, CHANNELS, skip))
             rows.append(("cp_measure (one core)", wall, cpu, None))
         torch.set_num_threads(1)
-        engine_run(images, masks, skip)  # warm-up: imports, allocator
-        df, wall, cpu, timings = engine_run(images, masks, skip, threads=1)
+        engine_run(images, masks, skip)  # warm-up: imports, compiled kernels, allocator
+
+        def median_run(**kw):
+            """The median of ``args.repeats`` runs (wall), with its CPU time and module timings."""
+            runs = sorted((engine_run(images, masks, skip, **kw) for _ in range(args.repeats)), key=lambda r: r[1])
+            return runs[len(runs) // 2], [r[1] for r in runs]
+
+        (df, wall, cpu, timings), walls = median_run(threads=1)
         rows.append(("cpvs engine, 1 torch thread", wall, cpu, timings))
+        spread = {"cpvs engine, 1 torch thread": walls}
         one_thread = wall
         if cores > 1:
-            _, wall, cpu, t_all = engine_run(images, masks, skip, threads=cores)
+            (_, wall, cpu, t_all), spread[f"cpvs engine, {cores} threads"] = median_run(threads=cores)
             rows.append((f"cpvs engine, {cores} threads", wall, cpu, t_all))
         if torch.cuda.is_available():
             engine_run(images, masks, skip, device="cuda", threads=1)
-            _, wall, cpu, t_gpu = engine_run(images, masks, skip, device="cuda", threads=1)
+            (_, wall, cpu, t_gpu), spread["cpvs engine, cuda"] = median_run(device="cuda", threads=1)
             rows.append(("cpvs engine, cuda", wall, cpu, t_gpu))
         print(f"{df.shape[1] - 1} features x {df.shape[0]} objects per engine run")
         base = rows[0][1] if not args.no_reference else None
+        print(f"cpvs engine: median of {args.repeats} runs (their range in brackets); cp_measure: one run")
         for name, wall, cpu, _ in rows:
             speed = f"  {base / wall:5.1f}x" if base else ""
-            print(f"  {name:32s} {wall:7.2f} s  (CPU {cpu:6.2f} s){speed}")
+            runs = f"  [{min(spread[name]):.2f}-{max(spread[name]):.2f} s]" if name in spread else ""
+            print(f"  {name:32s} {wall:7.2f} s  (CPU {cpu:6.2f} s){speed}{runs}")
         print("  cpvs engine by module (1 thread): " + ", ".join(f"{k} {v:.2f}" for k, v in
                                                                  sorted(timings.items(), key=lambda kv: -kv[1])))
         path = t_read + t_seg + one_thread
