@@ -34,10 +34,10 @@ cpvs --device cpu train --model ddpm --data "$OUT/left.zarr" -o "$OUT/ddpm" --re
     --max-minutes "$DDPM_MINUTES"
 cpvs --device cpu predict-plate "$OUT/right" --checkpoint "$OUT/unet-alone" -o "$OUT/pred-unet"
 cpvs --device cpu predict-plate "$OUT/right" --checkpoint "$OUT/unet-base" -o "$OUT/pred-unet-base"
-for estimate in mean samples; do
-    cpvs --device cpu predict-plate "$OUT/right" --checkpoint "$OUT/ddpm" -o "$OUT/pred-ddpm-$estimate" \
-        --steps "$STEPS" --samples "$SAMPLES" --estimate "$estimate" --seed 0
-done
+cpvs --device cpu predict-plate "$OUT/right" --checkpoint "$OUT/ddpm" -o "$OUT/pred-ddpm-mean" \
+    --steps "$STEPS" --samples "$SAMPLES" --estimate mean --seed 0
+cpvs --device cpu predict-plate "$OUT/right" --checkpoint "$OUT/ddpm" -o "$OUT/pred-ddpm-samples" \
+    --steps "$STEPS" --samples "$SAMPLES" --estimate samples --seed 0
 for model in unet unet-base ddpm-mean ddpm-samples; do
     cpvs evaluate --images --pred "$OUT/pred-$model" --truth "$OUT/right" --truth-illum-size 0 -o "$OUT/eval-$model"
 done
