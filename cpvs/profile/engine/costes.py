@@ -259,6 +259,7 @@ def costes(obj: Objects, values: torch.Tensor, pairs: list[tuple[int, int]], sca
     always_varies = always_varies.reshape(-1)
     pf = torch.tensor([p for p, _ in pairs], device=dev)
     pq = torch.tensor([q for _, q in pairs], device=dev)
+    pre = pre_e = pre_f = change_f = change_s = None
     if pos_parts:
         pre = _Prefix(pos_parts, bits, centred, pairs, n, span, G)
         # A prefix is constant in f while it ends at or before the group's first change of value
@@ -319,16 +320,14 @@ def costes(obj: Objects, values: torch.Tensor, pairs: list[tuple[int, int]], sca
         return defined, negative
 
     if numpy_path(values):
-        m_final, found = costes_search.search_compiled(obj, values, ok, pos_ok, neg_ok, pre if pos_ok.any() else None,
-                                          (pre_e, pre_f) if neg_ok.any() else None, change_f if pos_ok.any() else None,
-                                          change_s if pos_ok.any() else None, tot, count, always_varies, pf, pq,
-                                          a_all.reshape(-1), b_all.reshape(-1), span, S)
+        m_final, found = costes_search.search_compiled(obj, values, ok, pos_ok, neg_ok, pre, (pre_e, pre_f) if pre_e is not None else None,
+                                                       change_f, change_s, tot, count, always_varies, pf, pq,
+                                                       a_all.reshape(-1), b_all.reshape(-1), span, S)
     else:
         m_final, found = costes_search.search_lockstep(ok, G, S, evaluate)
 
     thr_f = (m_final / S).reshape(K, n)
     thr_s = a_all * thr_f + b_all
-    c1, c2 = nan.clone(), nan.clone()
     if numpy_path(values):
         sums = torch.zeros((K, 4, n), dtype=F64)
         costes_search.coefficient_sums(values.contiguous().numpy(), pf.numpy(), pq.numpy(), thr_f.contiguous().numpy(),
@@ -336,6 +335,7 @@ def costes(obj: Objects, values: torch.Tensor, pairs: list[tuple[int, int]], sca
         tot_f, tot_s, over_f, over_s = sums.unbind(1)
         good = found.view(K, n) & (tot_f > 0) & (tot_s > 0)
         return torch.where(good, over_f / tot_f, nan), torch.where(good, over_s / tot_s, nan)
+    c1, c2 = nan.clone(), nan.clone()
     for k, (p, q) in enumerate(pairs):
         f, s = values[p], values[q]
         tf, ts = obj.expand(thr_f[k]), obj.expand(thr_s[k])
@@ -346,4 +346,3 @@ def costes(obj: Objects, values: torch.Tensor, pairs: list[tuple[int, int]], sca
         c1[k] = torch.where(good, obj.sum(f * both) / tot_f, nan[k])
         c2[k] = torch.where(good, obj.sum(s * both) / tot_s, nan[k])
     return c1, c2
-

@@ -32,7 +32,7 @@ import torch
 
 from cpvs.profile.engine import texture
 from cpvs.profile.engine.objects import Objects, numpy_path, take
-from cpvs.profile.engine.reconstruction import reconstruct
+from cpvs.profile.engine.reconstruction import cross_filter, reconstruct
 from cpvs.profile.engine.texture import cached_on, objects
 
 
@@ -92,12 +92,7 @@ def _flat_morphology(image: torch.Tensor, footprint: np.ndarray, dilate: bool) -
 
 def _erode_cross(x: torch.Tensor) -> torch.Tensor:
     """Grey erosion of (..., h, w) by the 4-connected cross, out-of-field neighbours ignored."""
-    out = x.clone()
-    out[..., 1:, :] = torch.minimum(out[..., 1:, :], x[..., :-1, :])
-    out[..., :-1, :] = torch.minimum(out[..., :-1, :], x[..., 1:, :])
-    out[..., :, 1:] = torch.minimum(out[..., :, 1:], x[..., :, :-1])
-    out[..., :, :-1] = torch.minimum(out[..., :, :-1], x[..., :, 1:])
-    return out
+    return cross_filter(x, torch.minimum)
 
 
 def spectrum(image: torch.Tensor, subsample_size: float = 0.25, image_sample_size: float = 0.25, element_size: int = 10,

@@ -38,15 +38,6 @@ def _take(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return torch.index_select(values, 0, index.reshape(-1)).view(index.shape)
 
 
-def _positions(obj: Objects) -> torch.Tensor:
-    """(H*W + 1,) position of each field pixel in ``obj.flat``; -1 off the objects and at the last
-    entry, which stands for any pixel outside the field."""
-    h, w = obj.labels.shape
-    pos = torch.full((h * w + 1,), -1, dtype=torch.long, device=obj.device)
-    pos[obj.flat] = torch.arange(obj.flat.numel(), device=obj.device)
-    return pos
-
-
 def _neighbours(obj: Objects, pos: torch.Tensor, at: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
     """Positions of the (dy, dx) neighbours (broadcast with ``at``) of the pixels at positions ``at``;
     -1 where the neighbour is outside the field or in another object."""
@@ -165,7 +156,7 @@ def geodesic(obj: Objects, centre: torch.Tensor) -> torch.Tensor:
     """
     p = obj.seg.numel()
     dev = obj.device
-    pos = cached_on(obj.labels, ("positions", obj.n), lambda: _positions(obj))
+    pos = obj.positions
     if _numpy_path(obj.seg):
         out = torch.empty(p, dtype=F64)
         h, w = obj.labels.shape

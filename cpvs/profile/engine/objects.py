@@ -108,6 +108,14 @@ class Objects:
         return torch.cumsum(c, 0) - c
 
     @cached_property
+    def positions(self) -> torch.Tensor:
+        """(H*W + 1,) position in ``flat`` of each field pixel; -1 off the objects and at the last entry,
+        which stands for any pixel outside the field (a neighbour's position without a search)."""
+        pos = torch.full((self.labels.numel() + 1,), -1, dtype=torch.long, device=self.device)
+        pos[self.flat] = torch.arange(self.flat.numel(), device=self.device)
+        return pos
+
+    @cached_property
     def _runs(self) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
         """(present mask, numpy starts of the present objects' runs, numpy counts of all objects)."""
         has = self.present

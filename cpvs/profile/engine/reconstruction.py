@@ -28,13 +28,14 @@ def reconstruct(seeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return reconstruct_dilations(seeds, mask)
 
 
-def _dilate_cross(x: torch.Tensor) -> torch.Tensor:
-    """Grey dilation of (..., h, w) by the 4-connected cross, out-of-field neighbours ignored."""
+def cross_filter(x: torch.Tensor, op) -> torch.Tensor:
+    """Grey erosion (``op=torch.minimum``) or dilation (``torch.maximum``) of (..., h, w) by the
+    4-connected cross, out-of-field neighbours ignored."""
     out = x.clone()
-    out[..., 1:, :] = torch.maximum(out[..., 1:, :], x[..., :-1, :])
-    out[..., :-1, :] = torch.maximum(out[..., :-1, :], x[..., 1:, :])
-    out[..., :, 1:] = torch.maximum(out[..., :, 1:], x[..., :, :-1])
-    out[..., :, :-1] = torch.maximum(out[..., :, :-1], x[..., :, 1:])
+    out[..., 1:, :] = op(out[..., 1:, :], x[..., :-1, :])
+    out[..., :-1, :] = op(out[..., :-1, :], x[..., 1:, :])
+    out[..., :, 1:] = op(out[..., :, 1:], x[..., :, :-1])
+    out[..., :, :-1] = op(out[..., :, :-1], x[..., :, 1:])
     return out
 
 
@@ -44,7 +45,7 @@ def reconstruct_dilations(seeds: torch.Tensor, mask: torch.Tensor, check_every: 
     while True:
         before = r.clone()
         for _ in range(check_every):
-            r = torch.minimum(_dilate_cross(r), mask)
+            r = torch.minimum(cross_filter(r, torch.maximum), mask)
         if torch.equal(r, before):
             return r
 

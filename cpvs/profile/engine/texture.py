@@ -93,12 +93,8 @@ def _pairs(obj: Objects, scale: int) -> dict[str, torch.Tensor]:
     pair, and ``group`` (K,) = object index * 4 + direction.
     """
     h, w = obj.labels.shape
-    dev = obj.device
     p = obj.flat.numel()
-    # position of each field pixel in obj.flat (-1 outside objects, last entry: outside the field):
-    # turns a neighbour's flat index into its position without a search.
-    pos = torch.full((h * w + 1,), -1, dtype=torch.int32, device=dev)
-    pos[obj.flat] = torch.arange(p, dtype=torch.int32, device=dev)
+    pos = obj.positions
     if obj.device.type == "cpu" and NUMPY_ON_CPU:
         k = len(DIRECTIONS) * p
         a, b, group = (torch.empty(k, dtype=torch.int64) for _ in range(3))
