@@ -12,7 +12,8 @@ For a ddpm checkpoint and a plate with both the brightfield planes and the real 
    the network's x̂₀ converted from its output (ε, v or x₀), RMSE and PCC against the
    truth in normalized units, for the EMA and the raw weights; "mean" is the RMSE of
    predicting each field's mean (1 for z-scored truth), and residual checkpoints also
-   show the U-Net alone.
+   show the U-Net alone and, when training fitted the residual's shrinkage, the last
+   step's estimate shrunk as predict-plate writes it.
 3. **Sampler trajectory**: per step of the sampler (``--sampler``, ``--steps``) the PCC and
    RMSE of the current x̂₀ (after the clamp) to the truth, and the fraction of x̂₀ pixels
    at the clamp; then the final sample's PCC and, with ``--samples K``, the mean's.
@@ -181,11 +182,18 @@ def per_noise_level(args, loaded, raw_net, cases, residual, device) -> None:
                 x0, _ = to_x0_eps(pred, out, y_t, g)
                 est = to_stains(c, residual, x0[0].cpu().numpy())
                 row[name].append((rmse(est, c.truth), pcc(est, c.truth)))
+                if name == "ema" and t == ts[-1] and residual is not None and residual.shrink is not None:
+                    shrunk = residual.add(c.base, x0[0].cpu().numpy(), point=True)
+                    row["shrunk"] = row.get("shrunk", []) + [(rmse(shrunk, c.truth), pcc(shrunk, c.truth))]
         cells = f"{t:5d} {g:9.3g} {g / (1 - g):9.3g} | " + " ".join(f"{v:8.3f}" if i == 0 else f"{v:7.3f}"
                                                                    for i, v in enumerate(np.mean(row['ema'], 0)))
         if raw_net is not None:
             cells += " | " + " ".join(f"{v:8.3f}" if i == 0 else f"{v:7.3f}" for i, v in enumerate(np.mean(row["raw"], 0)))
         print(cells)
+        if "shrunk" in row:
+            alpha = " ".join(f"{ch} {a:.2f}" for ch, a in zip(ck["outputs"], residual.shrink.ravel()))
+            print(f"      shrunk as predict-plate writes it (α {alpha}): RMSE {np.mean(row['shrunk'], 0)[0]:.3f}, "
+                  f"PCC {np.mean(row['shrunk'], 0)[1]:.3f}")
     ref = np.mean([rmse(np.zeros_like(c.truth) + c.truth.mean(axis=(1, 2), keepdims=True), c.truth) for c in cases])
     print(f"reference: RMSE of each field's mean {ref:.3f}", end="")
     if residual is not None:

@@ -83,7 +83,7 @@ _cpvs() {
                 --field-strategy) _cpvs_words "resize tiles"; return ;;
                 --device) _cpvs_words "auto cpu cuda"; return ;;
             esac
-            if [[ "$cur" == -* ]]; then _cpvs_words "--out -o --checkpoint --model --channel-map --platemap --plate-name --batch-size --precision --dtype --format --shard --workers --illum-fields --on-error --overwrite --tile --stride --stitch --sampler --steps --eta --guidance --classifier --label-col --samples --estimate --seed --field-strategy --residual-unet --clip-denoised --no-clip-denoised --json --help -h --quiet -q --device"
+            if [[ "$cur" == -* ]]; then _cpvs_words "--out -o --checkpoint --model --channel-map --platemap --plate-name --batch-size --precision --dtype --format --shard --workers --illum-fields --on-error --overwrite --tile --stride --stitch --sampler --steps --eta --guidance --classifier --label-col --samples --estimate --seed --field-strategy --residual-unet --shrink --no-shrink --clip-denoised --no-clip-denoised --json --help -h --quiet -q --device"
             else _cpvs_files; fi ;;
         embed)
             case "$prev" in

@@ -179,6 +179,7 @@ complete -c cpvs -n '__cpvs_using predict-plate' -l estimate -x -a 'samples mean
 complete -c cpvs -n '__cpvs_using predict-plate' -l seed -x -d 'Seed; a field\'s samples depend only on it and the field (default: 0)'
 complete -c cpvs -n '__cpvs_using predict-plate' -l field-strategy -x -a 'resize tiles' -d 'Resize fields to the training resolution and back, or sample tiles (shared noise, stitched) (default: resize)'
 complete -c cpvs -n '__cpvs_using predict-plate' -l residual-unet -r -F -d 'Residual diffusion models (trained with --residual-of): the U-Net run or checkpoint they were trained on, when it is no longer where the checkpoint says (its digest is checked)'
+complete -c cpvs -n '__cpvs_using predict-plate' -l shrink -l no-shrink -d 'Residual diffusion: weigh the residual in the prediction by the per-channel factor in [0, 1] fitted in training on validation crops the U-Net never saw (0: the U-Net\'s prediction; the <channel>_std maps are never shrunk); --no-shrink adds the whole residual'
 complete -c cpvs -n '__cpvs_using predict-plate' -l clip-denoised -l no-clip-denoised -d 'Clamp each step\'s predicted clean image into the training targets\' range (recorded in the checkpoint; older checkpoints: ±the preprocessing clip) (default: clip)'
 complete -c cpvs -n '__cpvs_using predict-plate' -l json -d 'Print the summary as JSON on stdout (for shell pipelines); progress and messages stay on stderr'
 complete -c cpvs -n '__cpvs_using predict-plate' -l help -s h -d 'Show the help and exit'

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -388,6 +389,9 @@ def test_residual_diffusion_predicts_the_unet_plus_its_residual_and_needs_that_u
     assert ck["hparams"]["prediction"] == "x0" and ck["hparams"]["net"]["in_channels"] == 3 + 5
     assert rec["checkpoint"].endswith(".pt") and len(rec["sha256"]) == 16 and len(rec["scale"]) == 5
     assert all(0 < v for v in rec["scale"])
+    shrink = ck["residual_shrink"]  # the ddpm's validation crops lie in the U-Net's validation band: fitted there
+    assert shrink["held_out"] is True and set(shrink["alpha"]) == set(ck["outputs"])
+    assert all(a == 0 for a in shrink["alpha"].values())  # a zero estimate carries no weight
     plate = sim_root / "SIM3-P01"
     common = dict(device="cpu", shard=(1, 6), dtype="float32")
     predict_plate(PredictConfig(plate, tmp_path / "p-unet", tmp_path / "unet", **common))
@@ -397,6 +401,27 @@ def test_residual_diffusion_predicts_the_unet_plus_its_residual_and_needs_that_u
         for c in ("DNA", "Mito"):
             np.testing.assert_allclose(read_image(fb.files[c]), read_image(fa.files[c]), rtol=1e-4, atol=1e-2)
             assert read_image(fb.files[f"{c}_std"]).max() == pytest.approx(0, abs=1e-3)
+    # a trained residual: --no-shrink adds it whole; a factor of 0 gives the U-Net's prediction with the same std maps
+    train_diffusion(DiffusionConfig("ddpm", tmp_path / "s.zarr", tmp_path / "res2", prediction="x0", lr=1e-2,
+                                    residual_of=tmp_path / "unet", **net))
+    alpha = load_checkpoint(tmp_path / "res2")["residual_shrink"]["alpha"]
+    assert all(0 <= a <= 1 for a in alpha.values())
+    assert pd.read_parquet(tmp_path / "res2" / "metrics.parquet")["shrink_DNA"].iloc[-1] == pytest.approx(alpha["DNA"])
+    raw = torch.load(tmp_path / "res2" / "checkpoints" / "last.pt", weights_only=False)
+    raw["residual_shrink"]["alpha"] = {c: 0.0 for c in raw["outputs"]}
+    (tmp_path / "res0" / "checkpoints").mkdir(parents=True)
+    torch.save(raw, tmp_path / "res0" / "checkpoints" / "last.pt")
+    mean = dict(steps=3, samples=2, estimate="mean", **common)
+    predict_plate(PredictConfig(plate, tmp_path / "p-whole", tmp_path / "res2", shrink=False, **mean))
+    predict_plate(PredictConfig(plate, tmp_path / "p-zero", tmp_path / "res0", **mean))
+    w, z = discover_plate(tmp_path / "p-whole"), discover_plate(tmp_path / "p-zero")
+    for fa, fw, fz in zip(a.fields, w.fields, z.fields):
+        np.testing.assert_allclose(read_image(fz.files["DNA"]), read_image(fa.files["DNA"]), rtol=1e-4, atol=1e-2)
+        assert np.abs(read_image(fw.files["DNA"]) - read_image(fa.files["DNA"])).max() > 1
+        np.testing.assert_array_equal(read_image(fz.files["DNA_std"]), read_image(fw.files["DNA_std"]))
+        assert read_image(fw.files["DNA_std"]).max() > 0
+    with pytest.raises(CpvsError, match="--shrink"):  # a staining checkpoint has no residual to weigh
+        predict_plate(PredictConfig(plate, tmp_path / "p6", tmp_path / "unet", shrink=False, **common))
     # the U-Net moved: refused with what to do; found again with --residual-unet; another U-Net is refused
     shutil.move(tmp_path / "unet", tmp_path / "moved")
     with pytest.raises(CpvsError, match="which is not there") as e:
@@ -416,3 +441,26 @@ def test_residual_diffusion_predicts_the_unet_plus_its_residual_and_needs_that_u
     r = runner.invoke(app, ["train", "--model", "unet", "--data", str(tmp_path / "s.zarr"), "-o", str(tmp_path / "x"),
                             "--prediction", "v"])
     assert r.exit_code != 0 and "--prediction" in r.output
+
+
+def test_residual_shrinkage_is_the_least_squares_weight_of_the_estimate_clipped_to_0_1():
+    """The weight of the network's last-step residual estimate: the least-squares α per channel (an estimate
+    of 2·r gets 0.5, of r/2 is capped at 1, of −r or 0 gets 0), whatever noise the estimate sees."""
+    from cpvs.train.residual import fit_shrinkage
+
+    r = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    gains = torch.tensor([2.0, 0.5, -1.0, 0.0]).view(1, -1, 1, 1)
+
+    class Fake(torch.nn.Module):  # an x0-network whose estimate is gain·r, r carried in the condition
+        def forward(self, x, y_t, gamma, labels):
+            return gains * x
+
+    schedule = NoiseSchedule.linear(100, 1e-4, 0.05)
+    alpha = fit_shrinkage(Fake(), r, r, schedule, "x0", "fp32", seed=0)
+    np.testing.assert_allclose(alpha, [0.5, 1.0, 0.0, 0.0], atol=1e-6)
+    noisy = r + 0.5 * torch.randn(r.shape, generator=torch.Generator().manual_seed(1))  # estimate = r + noise
+    alpha = fit_shrinkage(Fake(), noisy, r, schedule, "x0", "fp32", seed=0)
+    expected = ((r * noisy * gains).sum((0, 2, 3)) / ((noisy * gains) ** 2).sum((0, 2, 3))).clamp(0, 1).numpy()
+    np.testing.assert_allclose(alpha[:3], expected[:3], rtol=1e-5, atol=1e-7)
+    assert alpha[3] == 0  # an estimate of zero carries no weight (no 0/0)
+    assert alpha[0] == pytest.approx(0.5 / 1.25, abs=0.03)  # noise of variance 1/4 shrinks 2·r's weight to 0.5 / (1 + 1/4)

@@ -57,6 +57,7 @@ def predict_plate(
     seed: Annotated[Optional[int], typer.Option(help=f"Seed; a field's samples depend only on it and the field (default: {D.seed}).", rich_help_panel=P_DIFF)] = None,
     field_strategy: Annotated[Optional[FieldStrategy], typer.Option(help=f"Resize fields to the training resolution and back, or sample tiles (shared noise, stitched) (default: {D.field_strategy}).", rich_help_panel=P_DIFF)] = None,
     residual_unet: Annotated[Optional[Path], typer.Option(metavar="RUN|FILE", help="Residual diffusion models (trained with --residual-of): the U-Net run or checkpoint they were trained on, when it is no longer where the checkpoint says (its digest is checked).", rich_help_panel=P_DIFF)] = None,
+    shrink: Annotated[Optional[bool], typer.Option("--shrink/--no-shrink", help="Residual diffusion: weigh the residual in the prediction by the per-channel factor in [0, 1] fitted in training on validation crops the U-Net never saw (0: the U-Net's prediction; the <channel>_std maps are never shrunk); --no-shrink adds the whole residual. Checkpoints without the factor add the whole residual (default: shrink).", rich_help_panel=P_DIFF, show_default=False)] = None,
     clip_denoised: Annotated[Optional[bool], typer.Option("--clip-denoised/--no-clip-denoised", help="Clamp each step's predicted clean image into the training targets' range (recorded in the checkpoint; older checkpoints: ±the preprocessing clip) (default: clip).", rich_help_panel=P_DIFF, show_default=False)] = None,
     json_out: JsonOpt = False,
 ) -> None:
@@ -85,7 +86,7 @@ def predict_plate(
         tile=tile, stride=stride,
         stitch=value(stitch), sampler=value(sampler), steps=steps, eta=eta, clip_denoised=clip_denoised, guidance=guidance,
         classifier=classifier, label_col=label_col, samples=samples, estimate=value(estimate), seed=seed, field_strategy=value(field_strategy),
-        residual_unet=residual_unet,
+        residual_unet=residual_unet, shrink=shrink,
     )
     with progress_bar(st.quiet) as cb:
         res = run(cfg, progress=cb)

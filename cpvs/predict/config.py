@@ -36,6 +36,7 @@ class DiffusionOptions:
     seed: int = 0
     field_strategy: str = "resize"
     residual_unet: Path | None = None  # residual diffusion: the U-Net, when it moved from the path the checkpoint records
+    shrink: bool = True  # residual diffusion: weigh the prediction's residual by the factor fitted in training
 
 
 BATCH_SIZE = {"staining": 16, "diffusion": 4}  # tiles per call; fields (x samples) per call
@@ -76,6 +77,7 @@ class PredictConfig:
     seed: int | None = None
     field_strategy: str | None = None
     residual_unet: Path | None = None
+    shrink: bool | None = None
 
     def given(self, options: type) -> list[str]:
         return [f.name for f in fields(options) if getattr(self, f.name) is not None]

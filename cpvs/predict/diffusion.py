@@ -25,7 +25,9 @@ Residual diffusion (a checkpoint trained with ``--residual-of``): the U-Net name
 checkpoint (its file and digest; ``residual_unet`` points elsewhere when it moved) is
 loaded through the registry, predicts the field by its own tiles (256², stride 128,
 median), the network is conditioned on the planes and that prediction, and each sample
-is u(x) + scale · residual. The std maps are the samples' spread around u(x).
+is u(x) + scale · residual. The std maps are the samples' spread around u(x). The prediction's
+residual estimate is shrunk per channel by the weight fitted on held-out crops in training
+(``cpvs.train.residual``; ``shrink=False`` keeps it whole).
 """
 
 from __future__ import annotations
@@ -98,8 +100,11 @@ class Residual:
                 out.append(self.net(torch.from_numpy(tiles[i : i + self.batch_size]).to(self.device)).float().cpu().numpy())
         return stitch(np.concatenate(out), padded.shape[1:], t.tile, t.stride, t.stitch)[:, :h, :w]
 
-    def add(self, base: np.ndarray, residual: np.ndarray) -> np.ndarray:
-        return base + self.scale * residual
+    shrink: np.ndarray | None = None  # (C, 1, 1): the point estimate's weight fitted in training (train/residual.py)
+
+    def add(self, base: np.ndarray, residual: np.ndarray, point: bool = False) -> np.ndarray:
+        """Stains from a scaled residual; ``point``: the prediction, whose residual estimate is shrunk."""
+        return base + (self.scale * self.shrink if point and self.shrink is not None else self.scale) * residual
 
 
 def load_residual(ck: dict, opts: DiffusionOptions, device, precision: str) -> Residual | None:
@@ -124,7 +129,9 @@ def load_residual(ck: dict, opts: DiffusionOptions, device, precision: str) -> R
     if unet.checkpoint["inputs"] != ck["inputs"] or unet.checkpoint["outputs"] != ck["outputs"]:
         raise CpvsError("the U-Net's channels differ from the diffusion model's", unet.path)
     scale = np.asarray(rec["scale"], dtype=np.float32)[:, None, None]
-    return Residual(unet.net, scale, device, precision)
+    alpha = (ck.get("residual_shrink") or {}).get("alpha") if opts.shrink else None
+    shrink = np.asarray([alpha[c] for c in ck["outputs"]], dtype=np.float32)[:, None, None] if alpha else None
+    return Residual(unet.net, scale, device, precision, shrink=shrink)
 
 
 def _pad_to(x: np.ndarray, multiple: int) -> np.ndarray:
@@ -194,6 +201,9 @@ def run(job, progress) -> tuple[int, list[dict], dict]:
                            x0_range(ck, outputs, device) if opts.clip_denoised else None,
                            prediction=ck["hparams"].get("prediction", "eps"))
     residual = load_residual(ck, opts, device, cfg.precision)
+    if residual is None and "shrink" in cfg.given(DiffusionOptions):
+        raise CpvsError("--shrink/--no-shrink apply to residual diffusion checkpoints (trained with --residual-of); this one "
+                        "diffuses the stains themselves", ck["path"], "drop --shrink/--no-shrink")
     if residual is not None and opts.guidance:
         raise CpvsError("classifier guidance is not available for residual diffusion (the classifier sees stains, the "
                         "model diffuses residuals)", ck["path"], "drop --guidance")
@@ -220,13 +230,16 @@ def run(job, progress) -> tuple[int, list[dict], dict]:
                                callback=keep_first)
         return y, first[0]
 
-    def finish(f: Field, native, work_shape, samples_arr: np.ndarray, first_arr: np.ndarray) -> None:
-        """(K, C, h, w) samples and first-step estimates at work resolution -> the prediction (the samples'
-        mean, or with ``estimate="mean"`` the estimates' mean) and the samples' std, as TIFFs at native size."""
+    def finish(f: Field, native, work_shape, samples_arr: np.ndarray, first_arr: np.ndarray, base: np.ndarray | None = None) -> None:
+        """(K, C, h, w) samples and first-step estimates at work resolution (residual diffusion: scaled residuals
+        around the U-Net's ``base``) -> the prediction (the samples' mean, or with ``estimate="mean"`` the estimates'
+        mean) and the samples' std, as TIFFs at native size."""
         h, w = work_shape
-        spread = samples_arr.std(axis=0)[:, :h, :w] if opts.samples > 1 else None
-        point = first_arr if opts.estimate == "mean" else samples_arr
-        job.writer.write(f, native, point.mean(axis=0)[:, :h, :w], spread)
+        spread = samples_arr.std(axis=0) if opts.samples > 1 else None
+        point = (first_arr if opts.estimate == "mean" else samples_arr).mean(axis=0)
+        if base is not None:
+            point, spread = residual.add(base, point, point=True), (residual.scale * spread if spread is not None else None)
+        job.writer.write(f, native, point[:, :h, :w], spread[:, :h, :w] if spread is not None else None)
 
     written = 0
     skipped: list[dict] = []
@@ -261,9 +274,7 @@ def run(job, progress) -> tuple[int, list[dict], dict]:
                 xc = np.concatenate([x, base]) if base is not None else x
                 samples, firsts = (np.stack(a) for a in zip(*[_sample_tiles(xc, f, k, cond.class_of(f), job, opts, tiles, sample_batch)
                                                               for k in range(opts.samples)]))
-                if residual is not None:
-                    samples, firsts = residual.add(base, samples), residual.add(base, firsts)
-                finish(f, native, x.shape[1:], samples, firsts)
+                finish(f, native, x.shape[1:], samples, firsts, base)
                 written += 1
                 progress("fields", len(plan.done) + written, len(plan.fields), info=info)
     finally:
@@ -293,9 +304,8 @@ def _sample_resized(chunk, job, opts, cond: Conditioning, sample_batch, finish, 
 
     y, first = (t.cpu().numpy() for t in sample_batch(torch.stack(xs).to(device), torch.tensor(labels, device=device), noise_of))
     K = opts.samples
-    if bases is not None:
-        y, first = (np.concatenate([residual.add(b, a[j * K : (j + 1) * K]) for j, b in enumerate(bases)]) for a in (y, first))
-    futures = [writer.submit(finish, f, native, x.shape[1:], y[j * K : (j + 1) * K], first[j * K : (j + 1) * K])
+    futures = [writer.submit(finish, f, native, x.shape[1:], y[j * K : (j + 1) * K], first[j * K : (j + 1) * K],
+                             bases[j] if bases is not None else None)
                for j, (f, (x, native)) in enumerate(chunk)]
     for fut in futures:
         fut.result()  # re-raises write errors (e.g. disk full)

@@ -130,8 +130,9 @@ def identity(cfg: PredictConfig, model: LoadedModel, plate: Plate) -> dict:
     that changes pixels (not devices, workers, batching or sharding, which never do)."""
     opts = cfg.resolved(TileOptions).__dict__ if model.role == "staining" else {
         **cfg.resolved(DiffusionOptions).__dict__, **cfg.resolved(TileOptions).__dict__}
-    if opts.get("estimate") == "samples":  # the default, recorded only when changed: older outputs still resume
-        opts = {k: v for k, v in opts.items() if k != "estimate"}
+    for key, default in (("estimate", "samples"), ("shrink", True)):  # recorded only when changed: older outputs still resume
+        if opts.get(key) == default:
+            opts = {k: v for k, v in opts.items() if k != key}
     return {"checkpoint": file_digest(model.path), "family": model.family, "plate": plate.name,
             "input_files": fingerprint([p for f in plate.fields for p in f.files.values()]),
             "channel_map": cfg.channel_map, "platemap": str(cfg.platemap) if cfg.platemap else None,

@@ -13,7 +13,10 @@ frozen U-Net's prediction u(x) is computed for every crop (with 64 px of context
 as its tiles see at prediction time); the network is conditioned on the brightfield planes
 and u(x), and diffuses only the residual (y − u(x)) / scale, with a per-channel scale (the
 residual's std on training crops) so the residual has unit variance like the noise. The
-checkpoint records the U-Net's file, digest and the scale; predict-plate adds u(x) back.
+checkpoint records the U-Net's file, digest and the scale; predict-plate adds u(x) back. Each
+validation also fits the weight of the residual's estimate per channel (:mod:`cpvs.train.residual`)
+when the validation crops lie in the U-Net's own validation data (same store, seed and fraction, a
+crop no larger than the U-Net's); else the checkpoint says ``held_out: False`` and none is fitted.
 
 The EMA uses the usual warm-up, decay_t = min(decay, (1 + t) / (10 + t)), so a
 short run still ends with useful averaged weights; long runs reach the published
@@ -35,14 +38,14 @@ from cpvs.checkpoints import load_checkpoint, save_checkpoint
 from cpvs.device import autocast
 from cpvs.errors import CpvsError
 from cpvs.jobs import graceful_stop
-from cpvs.models import load_model
 from cpvs.models.diffusion.classifier import NoisyClassifier
 from cpvs.models.diffusion.prediction import check_prediction, training_target
 from cpvs.models.diffusion.schedule import NoiseSchedule
 from cpvs.models.diffusion.unet import DiffusionUNet, DiffusionUNetConfig
 from cpvs.preprocess.store import Store
-from cpvs.runinfo import file_digest, plain, write_run_record
+from cpvs.runinfo import plain, write_run_record
 from cpvs.train.data import CropSampler, default_channels
+from cpvs.train.residual import ResidualBase, fit_shrinkage, held_out_from_base, residual_batch, residual_stats
 from cpvs.train.runtime import (
     Clock, MetricsTable, Progress, check_resume_identity, prepare_run_folder,
     run_lock, rng_state, set_rng_state, start_run, unwrap
@@ -143,66 +146,6 @@ def class_table(store: Store, label: str | None) -> tuple[list[str], dict[int, i
     return classes, {i: index.get(v, -1) for i, v in enumerate(values)}
 
 
-CONTEXT = 64  # px of context the U-Net sees around a training crop (its tiles have 64+ px around their centre)
-
-
-class ResidualBase:
-    """The frozen U-Net of residual diffusion on training crops: u(x) for each crop, computed on
-    the crop plus up to ``CONTEXT`` px around it (inside the field), so crop borders see what
-    the U-Net's tiles see at prediction time."""
-
-    def __init__(self, run: Path, store: Store, inputs: list[str] | None, targets: list[str] | None, device):
-        self.loaded = load_model(run, device, roles=("staining",), option="--residual-of")
-        ck = self.loaded.checkpoint
-        self.inputs, self.outputs, self.device, self.store = list(ck["inputs"]), list(ck["outputs"]), device, store
-        if inputs and list(inputs) != self.inputs:
-            raise CpvsError(f"--inputs {','.join(inputs)} differ from the U-Net's inputs {','.join(self.inputs)}", run,
-                            "drop --inputs: residual diffusion uses the U-Net's inputs")
-        if targets and list(targets) != self.outputs:
-            raise CpvsError(f"--targets {','.join(targets)} differ from the U-Net's outputs {','.join(self.outputs)}", run,
-                            "drop --targets: residual diffusion predicts what the U-Net predicts")
-        store.channel_index(self.inputs + self.outputs)  # raises for channels the store lacks
-        mine, theirs = store.normalization(self.inputs + self.outputs), ck["normalization"]
-        for key in ("illum_size", "size", "resize_method", "clip"):
-            if mine.get(key) != theirs.get(key):
-                raise CpvsError(f"the store was preprocessed with {key} {mine.get(key)}, the U-Net's store with "
-                                f"{theirs.get(key)}", store.path, "preprocess the store as the U-Net's was")
-        self.multiple = 2 ** (ck["hparams"].get("depth", 6) - 1)
-        self.record = {"checkpoint": str(Path(ck["path"]).resolve()), "sha256": file_digest(ck["path"]),
-                       "family": self.loaded.family}
-
-    @torch.no_grad()
-    def __call__(self, items: list[tuple[int, int, int]], crop: int) -> torch.Tensor:
-        """(B, C_out, crop, crop): the U-Net's prediction of each crop (field, y, x)."""
-        h, w = self.store.shape
-        side = -(-(crop + 2 * CONTEXT) // self.multiple) * self.multiple
-        rh, rw = min(side, h), min(side, w)
-        regions, offsets = [], []
-        for f, y, x in items:
-            y0, x0 = min(max(0, y - CONTEXT), h - rh), min(max(0, x - CONTEXT), w - rw)
-            regions.append(self.store.read_crop(f, y0, x0, (rh, rw), self.inputs))
-            offsets.append((y - y0, x - x0))
-        batch = np.stack(regions)
-        ph, pw = (-rh) % self.multiple, (-rw) % self.multiple
-        if ph or pw:
-            batch = np.pad(batch, ((0, 0), (0, 0), (0, ph), (0, pw)), mode="reflect")
-        out = self.loaded.net(torch.from_numpy(batch).to(self.device)).float()
-        return torch.stack([o[:, dy : dy + crop, dx : dx + crop] for o, (dy, dx) in zip(out, offsets)])
-
-
-def residual_stats(base: ResidualBase, sampler: CropSampler, crop: int, batch: int = 8, batches: int = 4) -> tuple[np.ndarray, dict]:
-    """Per-channel std of the U-Net's residual y − u(x) on fixed training crops (the scale that gives the
-    diffused residual unit variance) and the [min, max] of the scaled residual (the sampler's clamp)."""
-    res = []
-    for items in sampler.plan_epoch(0, batches, batch):  # epoch 0 is never trained: a fixed draw
-        _, y = sampler.read(items)
-        res.append(torch.from_numpy(y).to(base.device) - base(items, crop))
-    r = torch.cat(res).transpose(0, 1).reshape(len(base.outputs), -1).cpu().numpy().astype(np.float64)
-    scale = np.maximum(r.std(axis=1), 1e-3)
-    lo, hi = (r.min(axis=1) / scale), (r.max(axis=1) / scale)
-    return scale, {c: [float(a), float(b)] for c, a, b in zip(base.outputs, lo, hi)}
-
-
 def train_diffusion(cfg: DiffusionConfig, progress: Progress | None = None):
     """Train the ddpm or its guidance classifier; SIGINT/SIGTERM stop after the current step with a
     resumable checkpoint of that step."""
@@ -267,7 +210,10 @@ def _train_diffusion(cfg: DiffusionConfig, progress: Progress | None):
                 target_range=rng, classes=classes,
                 label=cfg.label, data=sampler.summary(),
                 config=plain(cfg))
-    val_items = sampler.val_items(max_crops=16)
+    val = _val_batch(sampler, sampler.val_items(max_crops=16), base, device) if dist.main else None
+    if base is not None:  # the shrinkage is only fitted where the U-Net's residuals are honest
+        fitted = (ck.get("residual_shrink") or {}).get("alpha") if resume_from is not None else None  # kept until refitted
+        meta["residual_shrink"] = {"alpha": fitted, "held_out": bool(val and held_out_from_base(base, sampler, val[0]))}
     if dist.main:  # after the setup (the target range reads up to 64 fields): the record says the loop starts
         write_run_record(cfg.out, "train", plain(cfg), inputs={"store": str(cfg.data)})
     clock = Clock(cfg.max_minutes)
@@ -280,23 +226,15 @@ def _train_diffusion(cfg: DiffusionConfig, progress: Progress | None):
 
     with graceful_stop(dist.world == 1) as stop:
         epochs_done, stopped = _epochs(cfg, start, partial, sampler, schedule, model, ema, opt, label_of, classes, device,
-                                       dist, metrics, clock, val_items, progress, save, stop, base)
+                                       dist, metrics, clock, val, progress, save, stop, base, meta)
         stop.check()
     frame = metrics.frame()
     return TrainResult(cfg.out, cfg.model, sum(p.numel() for p in ema.parameters()), epochs_done, None,
                        frame.iloc[-1].to_dict() if len(frame) else {}, frame, str(device), stopped)
 
 
-def residual_batch(base: ResidualBase | None, items, x: torch.Tensor, y: torch.Tensor, crop: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(condition, diffusion target) of a batch: (x, y), or for residual diffusion ([x, u(x)], (y − u(x)) / scale)."""
-    if base is None:
-        return x, y
-    u = base(items, crop)
-    return torch.cat([x, u], 1), (y - u) / base.scale
-
-
 def _epochs(cfg, start, partial, sampler, schedule, model, ema, opt, label_of, classes, device, dist, metrics, clock,
-            val_items, progress, save, stop, base=None) -> tuple[int, bool]:
+            val, progress, save, stop, base=None, meta=None) -> tuple[int, bool]:
     """The training epochs from ``start`` (from inside it when ``partial``); (epochs done, stopped by the clock)."""
     total = cfg.epochs * cfg.steps_per_epoch
     epochs_done, stopped = start - 1, False
@@ -345,7 +283,11 @@ def _epochs(cfg, start, partial, sampler, schedule, model, ema, opt, label_of, c
         row = {"epoch": epoch, "step": epoch * cfg.steps_per_epoch, "seconds": round(clock.elapsed, 2),
                "loss": float(np.mean(losses)) if losses else float("nan")}
         if dist.main:
-            row["val_loss"] = _validate(ema, sampler, val_items, schedule, cfg, label_of, device, base)
+            row["val_loss"] = _validate(ema, val, schedule, cfg, label_of, device)
+            if base is not None and val and meta["residual_shrink"]["held_out"]:
+                alpha = fit_shrinkage(ema, val[1], val[2], schedule, cfg.prediction, cfg.precision, cfg.seed)
+                meta["residual_shrink"]["alpha"] = dict(zip(base.outputs, alpha.tolist()))
+                row.update({f"shrink_{c}": float(a) for c, a in zip(base.outputs, alpha)})
             metrics.append(row)
             save(epoch, row)
         dist.barrier()
@@ -368,12 +310,20 @@ def target_range(store: Store, targets: list[str], max_fields: int = 64) -> dict
 
 
 @torch.no_grad()
-def _validate(ema, sampler, items, schedule, cfg, label_of, device, base=None) -> float:
-    """The training objective of the EMA weights on fixed validation crops, steps and noise."""
+def _val_batch(sampler, items, base, device):
+    """(items, condition, diffusion target) of the fixed validation crops, read once; None without crops."""
     if not items:
-        return float("nan")
+        return None
     x, y = (torch.from_numpy(a).to(device) for a in sampler.read(items))
-    x, y = residual_batch(base, items, x, y, x.shape[-1])
+    return (items, *residual_batch(base, items, x, y, x.shape[-1]))
+
+
+@torch.no_grad()
+def _validate(ema, val, schedule, cfg, label_of, device) -> float:
+    """The training objective of the EMA weights on fixed validation crops, steps and noise."""
+    if not val:
+        return float("nan")
+    items, x, y = val
     gen = torch.Generator().manual_seed(cfg.seed)
     t = torch.linspace(0, schedule.T - 1, len(x)).long().to(device)
     noise = torch.randn(y.shape, generator=gen).to(device)

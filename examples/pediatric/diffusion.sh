@@ -9,7 +9,9 @@
 # resume), so both models start from the same U-Net. Sampling: 20 ancestral steps, 4 samples per
 # field. The ddpm's prediction is written twice: its posterior-mean estimate (--estimate mean: the
 # network's clean-image estimate at the first step, averaged over the 4 starts) and the 4 samples'
-# mean (--estimate samples); the <stain>_std maps come from the samples in both. evaluate --images
+# mean (--estimate samples); the <stain>_std maps come from the samples in both. Both shrink the
+# residual by the per-channel weight training fitted on validation crops the U-Net never saw; the
+# first estimate is also written whole (--no-shrink), for comparison. evaluate --images
 # reports PCC and, for the ddpm, the Spearman correlation of each std map with the absolute error;
 # the base U-Net (UNET_MINUTES) is evaluated too. One field cannot estimate an illumination function, so
 # correction is off. Run from the repository root with the virtual environment active; about 40
@@ -36,15 +38,20 @@ cpvs --device cpu predict-plate "$OUT/right" --checkpoint "$OUT/unet-alone" -o "
 cpvs --device cpu predict-plate "$OUT/right" --checkpoint "$OUT/unet-base" -o "$OUT/pred-unet-base"
 cpvs --device cpu predict-plate "$OUT/right" --checkpoint "$OUT/ddpm" -o "$OUT/pred-ddpm-mean" \
     --steps "$STEPS" --samples "$SAMPLES" --estimate mean --seed 0
+cpvs --device cpu predict-plate "$OUT/right" --checkpoint "$OUT/ddpm" -o "$OUT/pred-ddpm-whole" \
+    --steps "$STEPS" --samples "$SAMPLES" --estimate mean --no-shrink --seed 0
 cpvs --device cpu predict-plate "$OUT/right" --checkpoint "$OUT/ddpm" -o "$OUT/pred-ddpm-samples" \
     --steps "$STEPS" --samples "$SAMPLES" --estimate samples --seed 0
-for model in unet unet-base ddpm-mean ddpm-samples; do
+for model in unet unet-base ddpm-mean ddpm-whole ddpm-samples; do
     cpvs evaluate --images --pred "$OUT/pred-$model" --truth "$OUT/right" --truth-illum-size 0 -o "$OUT/eval-$model"
 done
 python - "$OUT" <<'EOF'
 import json, sys
+from cpvs.checkpoints import load_checkpoint
 out = sys.argv[1]
-for model in ("unet", "unet-base", "ddpm-mean", "ddpm-samples"):
+alpha = load_checkpoint(f"{out}/ddpm")["residual_shrink"]["alpha"]
+print("residual weight fitted on held-out crops: " + (" ".join(f"{c} {a:.2f}" for c, a in alpha.items()) if alpha else "none"))
+for model in ("unet", "unet-base", "ddpm-mean", "ddpm-whole", "ddpm-samples"):
     rows = json.load(open(f"{out}/eval-{model}/results.json"))["images"]["summary"]
     pcc = " ".join(f"{r['channel']} {r['pcc_mean']:.3f}" for r in rows)
     rho = " ".join(f"{r['channel']} {r['std_spearman_mean']:.3f}" for r in rows if "std_spearman_mean" in r)
