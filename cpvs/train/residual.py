@@ -85,15 +85,12 @@ def residual_stats(base: ResidualBase, sampler: CropSampler, crop: int, batch: i
     return scale, {c: [float(a), float(b)] for c, a, b in zip(base.outputs, lo, hi)}
 
 
-
-
 def residual_batch(base: ResidualBase | None, items, x: torch.Tensor, y: torch.Tensor, crop: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(condition, diffusion target) of a batch: (x, y), or for residual diffusion ([x, u(x)], (y − u(x)) / scale)."""
     if base is None:
         return x, y
     u = base(items, crop)
     return torch.cat([x, u], 1), (y - u) / base.scale
-
 
 
 def held_out_from_base(base: ResidualBase, sampler: CropSampler, items: list[tuple[int, int, int]]) -> bool:
