@@ -291,6 +291,17 @@ def identity_digest(identity: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"segment": {"threshold": "li"}} -> {"segment.threshold": "li"}."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def claim_identity(folder: str | Path, command: str, identity: dict[str, Any], overwrite: bool = False,
                    name: str | None = None, can_overwrite: bool = True) -> str:
     """Record what determines ``folder``'s outputs (before any work), or check a rerun against
@@ -308,9 +319,11 @@ def claim_identity(folder: str | Path, command: str, identity: dict[str, Any], o
             raise CpvsError(f"folder holds the output of `cpvs {old.get('command')}`, not of `cpvs {command}`", folder,
                             "choose another -o folder")
         if old is not None and old.get("identity") != record["identity"]:
-            before = old.get("identity", {})
-            diff = sorted(k for k in set(before) | set(record["identity"]) if before.get(k) != record["identity"].get(k))
-            shown = "; ".join(f"{k}: {before.get(k)!r} -> {record['identity'].get(k)!r}" for k in diff[:6])
+            # nested groups (e.g. profile's segment options) are compared key by key, so the message names
+            # the parameter that changed, not the whole group
+            before, after = _flatten(old.get("identity", {})), _flatten(record["identity"])
+            diff = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+            shown = "; ".join(f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in diff[:6])
             raise CpvsError(f"the outputs here were made with other parameters ({shown})", folder,
                             "rerun with the same parameters to resume, or choose another output folder"
                             + (", or pass --overwrite to replace them" if can_overwrite else ""))

@@ -118,6 +118,11 @@ def test_identity_names_the_differing_parameters_and_overwrite_replaces(tmp_path
     claim_identity(tmp_path, "profile", {"threshold": "otsu", "skip": []})
     with pytest.raises(CpvsError, match="cpvs profile"):
         claim_identity(tmp_path, "predict-plate", {"threshold": "otsu", "skip": []})
+    # a nested group names the key that changed, not the whole group
+    claim_identity(tmp_path / "n", "profile", {"segment": {"threshold": "li", "smoothing": 1.5}, "skip": []})
+    with pytest.raises(CpvsError) as e:
+        claim_identity(tmp_path / "n", "profile", {"segment": {"threshold": "otsu", "smoothing": 1.5}, "skip": []})
+    assert "(segment.threshold: 'li' -> 'otsu')" in str(e.value) and "smoothing" not in str(e.value)
 
 
 def _sleep(x):
