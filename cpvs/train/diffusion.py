@@ -226,7 +226,7 @@ def _train_diffusion(cfg: DiffusionConfig, progress: Progress | None):
 
     with graceful_stop(dist.world == 1) as stop:
         epochs_done, stopped = _epochs(cfg, start, partial, sampler, schedule, model, ema, opt, label_of, classes, device,
-                                       dist, metrics, clock, val, progress, save, stop, base, meta)
+                                       dist, metrics, clock, val, progress, save, stop, base, meta.get("residual_shrink"))
         stop.check()
     frame = metrics.frame()
     return TrainResult(cfg.out, cfg.model, sum(p.numel() for p in ema.parameters()), epochs_done, None,
@@ -234,7 +234,7 @@ def _train_diffusion(cfg: DiffusionConfig, progress: Progress | None):
 
 
 def _epochs(cfg, start, partial, sampler, schedule, model, ema, opt, label_of, classes, device, dist, metrics, clock,
-            val, progress, save, stop, base=None, meta=None) -> tuple[int, bool]:
+            val, progress, save, stop, base=None, shrink=None) -> tuple[int, bool]:
     """The training epochs from ``start`` (from inside it when ``partial``); (epochs done, stopped by the clock)."""
     total = cfg.epochs * cfg.steps_per_epoch
     epochs_done, stopped = start - 1, False
@@ -284,9 +284,9 @@ def _epochs(cfg, start, partial, sampler, schedule, model, ema, opt, label_of, c
                "loss": float(np.mean(losses)) if losses else float("nan")}
         if dist.main:
             row["val_loss"] = _validate(ema, val, schedule, cfg, label_of, device)
-            if base is not None and val and meta["residual_shrink"]["held_out"]:
+            if shrink is not None and shrink["held_out"]:  # held out implies validation crops; saved with meta
                 alpha = fit_shrinkage(ema, val[1], val[2], schedule, cfg.prediction, cfg.precision, cfg.seed)
-                meta["residual_shrink"]["alpha"] = dict(zip(base.outputs, alpha.tolist()))
+                shrink["alpha"] = dict(zip(base.outputs, alpha.tolist()))
                 row.update({f"shrink_{c}": float(a) for c, a in zip(base.outputs, alpha)})
             metrics.append(row)
             save(epoch, row)
