@@ -307,6 +307,9 @@ def test_predict_plate_on_omezarr_equals_the_tiff_run(sim_root, tiny_unet, tmp_p
     # OME-Zarr in, TIFF out: the same files
     predict_plate(PredictConfig(tmp_path / "in.zarr", tmp_path / "tiff2", tiny_unet, **base))
     assert_same_plate(ref, discover_plate(tmp_path / "tiff2"))
+    files = sorted(p.name for p in (tmp_path / "tiff").iterdir() if p.suffix == ".tiff")
+    assert len(files) == 60 and files == sorted(p.name for p in (tmp_path / "tiff2").iterdir() if p.suffix == ".tiff")
+    assert all((tmp_path / "tiff" / n).read_bytes() == (tmp_path / "tiff2" / n).read_bytes() for n in files)
     # resume and shards (run one after the other here; test_concurrent_shards… runs them at once)
     again = predict_plate(PredictConfig(tmp_path / "in.zarr", tmp_path / "zarr", tiny_unet, format="ome-zarr", **base))
     assert (again.n_written, again.n_resumed) == (0, 12)

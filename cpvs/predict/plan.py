@@ -17,6 +17,7 @@ from typing import Callable
 import numpy as np
 
 from cpvs.plate.channels import ChannelMap
+from cpvs.plate.convert import source_numbering
 from cpvs.plate.discover import CHANNEL_MAP_NAME
 from cpvs.plate.layout import Field, Plate
 from cpvs.plate.loaddata import write_load_data
@@ -33,8 +34,11 @@ FORMATS = ("tiff", "ome-zarr")
 
 def output_names(plate: Plate, channels: list[str]) -> tuple[NameOf, ChannelMap | None]:
     """File naming of the predicted plate: the input's Phenix numbering where the input
-    map names a channel (new numbers after it otherwise), else ``PLATE_WELL_sSITE_CH.tiff``."""
-    return tiff_names(plate.layout, plate.channel_map, channels)
+    map names a channel (new numbers after it otherwise), also when the input is an OME-Zarr
+    plate converted from a Phenix plate (so both give the same files), else
+    ``PLATE_WELL_sSITE_CH.tiff``."""
+    layout, cmap = source_numbering(plate) or (plate.layout, None)
+    return tiff_names(layout, cmap, channels)
 
 
 @dataclass
