@@ -22,12 +22,12 @@ import numpy as np
 
 from cpvs import __version__
 from cpvs.errors import CpvsError
-from cpvs.plate.channels import ChannelMap, channel_map_from_dict
+from cpvs.plate.channels import ChannelMap
 from cpvs.plate.discover import CHANNEL_MAP_NAME, discover_plates
 from cpvs.plate.layout import Field, Plate
 from cpvs.plate.loaddata import write_load_data
-from cpvs.plate.naming import tiff_names
-from cpvs.plate.omezarr import cpvs_attrs, is_zarr_group
+from cpvs.plate.naming import plate_tiff_names, source_numbering
+from cpvs.plate.omezarr import is_zarr_group
 from cpvs.plate.omezarr_write import PlateStoreWriter, validate_store
 from cpvs.plate.tiff import read_image, write_image
 from cpvs.runinfo import atomic_path
@@ -58,17 +58,6 @@ def read_stack(f: Field, channels: list[str]) -> np.ndarray:
         raise CpvsError(f"the channels of field {f.well} site {f.site} differ in shape: {sorted(shapes)}", f.files[channels[0]],
                         "re-export the field, or rerun with --on-error skip")
     return np.stack(planes)
-
-
-def source_numbering(plate: Plate) -> tuple[str, ChannelMap] | None:
-    """The microscope numbering of a plate's channels: its own channel map (Phenix), or the one a
-    plate store written by cpvs recorded."""
-    if plate.layout == "phenix" and plate.channel_map is not None:
-        return plate.layout, plate.channel_map
-    src = cpvs_attrs(plate.root).get("source") if plate.layout == "ome-zarr" else None
-    if isinstance(src, dict) and src.get("channel_map"):
-        return str(src.get("layout")), channel_map_from_dict(src["channel_map"], f"{plate.root} (recorded numbering)")
-    return None
 
 
 def _store_channels(plate: Plate, numbering: tuple[str, ChannelMap] | None) -> list[str]:
@@ -106,7 +95,7 @@ def convert_plate(plate: Plate, out: str | Path, fmt: str = "ome-zarr", version:
         if is_zarr_group(out):
             raise CpvsError("the output is a Zarr store; TIFFs go to a folder", out, "choose a folder for --format tiff")
         channels = list(plate.channels)
-        name_of, out_map = tiff_names(numbering[0] if numbering else "", numbering[1] if numbering else None, channels)
+        name_of, out_map = plate_tiff_names(plate, channels)
         _write_tiff_plate_files(plate, out, channels, name_of, out_map)
         is_done = lambda f: all((out / name_of(f, c)).exists() for c in channels)  # noqa: E731
 

@@ -12,8 +12,9 @@ import re
 from dataclasses import dataclass
 from typing import Callable
 
-from cpvs.plate.channels import ChannelMap
-from cpvs.plate.layout import Field
+from cpvs.plate.channels import ChannelMap, channel_map_from_dict
+from cpvs.plate.layout import Field, Plate
+from cpvs.plate.omezarr import cpvs_attrs
 from cpvs.plate.wells import normalize_well, well_name
 
 PHENIX = re.compile(r"^r(\d{2})c(\d{2})f(\d{2,3})p(\d{2})-ch(\d+)sk(\d+)fk(\d+)fl(\d+)\.tiff?$", re.IGNORECASE)
@@ -76,3 +77,22 @@ def tiff_names(layout: str, channel_map: ChannelMap | None, channels: list[str])
         cmap = ChannelMap(tuple((numbers[c], c) for c in channels), "written plate")
         return (lambda f, c: phenix_name(f.well, f.site, numbers[c][0], numbers[c][1] or 1)), cmap
     return (lambda f, c: f"{f.plate}_{f.well}_s{f.site}_{c}.tiff"), None
+
+
+def source_numbering(plate: Plate) -> tuple[str, ChannelMap] | None:
+    """The microscope numbering of a plate's channels: its own channel map (Phenix), or the one a
+    plate store written by cpvs recorded."""
+    if plate.layout == "phenix" and plate.channel_map is not None:
+        return plate.layout, plate.channel_map
+    src = cpvs_attrs(plate.root).get("source") if plate.layout == "ome-zarr" else None
+    if isinstance(src, dict) and src.get("channel_map"):
+        return str(src.get("layout")), channel_map_from_dict(src["channel_map"], f"{plate.root} (recorded numbering)")
+    return None
+
+
+def plate_tiff_names(plate: Plate, channels: list[str]) -> tuple[NameOf, ChannelMap | None]:
+    """:func:`tiff_names` of ``plate`` written as TIFFs (a conversion, or a prediction of it): the
+    Phenix numbering it has or its store recorded, so a Phenix plate and its OME-Zarr copy give
+    the same files."""
+    layout, cmap = source_numbering(plate) or ("", None)
+    return tiff_names(layout, cmap, channels)

@@ -85,6 +85,7 @@ class Residual:
     device: object
     precision: str
     batch_size: int = 16
+    shrink: np.ndarray | None = None  # (C, 1, 1): the point estimate's weight fitted in training (train/residual.py)
 
     @torch.no_grad()
     def base(self, x: np.ndarray) -> np.ndarray:
@@ -99,8 +100,6 @@ class Residual:
             with autocast(self.device, self.precision):
                 out.append(self.net(torch.from_numpy(tiles[i : i + self.batch_size]).to(self.device)).float().cpu().numpy())
         return stitch(np.concatenate(out), padded.shape[1:], t.tile, t.stride, t.stitch)[:, :h, :w]
-
-    shrink: np.ndarray | None = None  # (C, 1, 1): the point estimate's weight fitted in training (train/residual.py)
 
     def add(self, base: np.ndarray, residual: np.ndarray, point: bool = False) -> np.ndarray:
         """Stains from a scaled residual; ``point``: the prediction, whose residual estimate is shrunk."""

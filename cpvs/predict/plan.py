@@ -12,33 +12,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from cpvs.plate.channels import ChannelMap
-from cpvs.plate.convert import source_numbering
 from cpvs.plate.discover import CHANNEL_MAP_NAME
 from cpvs.plate.layout import Field, Plate
 from cpvs.plate.loaddata import write_load_data
-from cpvs.plate.naming import tiff_names
+from cpvs.plate.naming import NameOf, plate_tiff_names
 from cpvs.plate.omezarr_write import PlateStoreWriter
 from cpvs.plate.shards import Shard
 from cpvs.plate.tiff import write_image
 from cpvs.preprocess.normalize import resize_image
 from cpvs.runinfo import atomic_path, plain, write_run_record
 
-NameOf = Callable[[Field, str], str]
 FORMATS = ("tiff", "ome-zarr")
-
-
-def output_names(plate: Plate, channels: list[str]) -> tuple[NameOf, ChannelMap | None]:
-    """File naming of the predicted plate: the input's Phenix numbering where the input
-    map names a channel (new numbers after it otherwise), also when the input is an OME-Zarr
-    plate converted from a Phenix plate (so both give the same files), else
-    ``PLATE_WELL_sSITE_CH.tiff``."""
-    layout, cmap = source_numbering(plate) or (plate.layout, None)
-    return tiff_names(layout, cmap, channels)
 
 
 @dataclass
@@ -62,7 +50,7 @@ def plan_outputs(plate: Plate, out: Path, channels: list[str], shard: tuple[int,
     load_data.csv, channel_map.csv and the platemap, or the OME-Zarr plate ``OUT/PLATE.zarr``
     (its plate and well metadata); the same for every shard."""
     out.mkdir(parents=True, exist_ok=True)
-    name_of, out_map = output_names(plate, channels)
+    name_of, out_map = plate_tiff_names(plate, channels)
     mine = Shard(*shard).select(plate.fields)
     if fmt == "ome-zarr":
         store = PlateStoreWriter(out / f"{plate.name}.zarr", plate.name, [(f.well, f.site) for f in plate.fields], channels,
