@@ -153,6 +153,12 @@ def process_pool(workers: int, initializer=None) -> Iterator[ProcessPoolExecutor
                 p.kill()  # workers ignore SIGTERM (see _worker_init)
         for p in procs:
             p.join(timeout=5)
+        # The pool's manager thread closes its wake-up pipe once it sees the workers gone; CPython 3.11's
+        # exit hook (concurrent.futures.process._python_exit) writes to that pipe unlocked, and racing the
+        # close it prints "Bad file descriptor" with a traceback. Joining the thread here ends the race.
+        manager = getattr(ex, "_executor_manager_thread", None)
+        if manager is not None:
+            manager.join(timeout=5)
         raise
     ex.shutdown(wait=True)
 

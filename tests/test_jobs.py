@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -143,6 +144,11 @@ def test_pools_cancel_queued_work_and_terminate_workers_on_interrupt():
             pids = list(ex.map(_sleep, [0.01, 0.01]))
             ex.submit(_sleep, 60)
             raise KeyboardInterrupt
+    # its manager thread is gone too: left running, it races the interpreter's exit hook over its wake-up
+    # pipe ("Bad file descriptor" tracebacks after Ctrl-C)
+    from concurrent.futures.process import _ExecutorManagerThread
+
+    assert not [t for t in threading.enumerate() if isinstance(t, _ExecutorManagerThread)]
     time.sleep(0.2)
     for pid in set(pids):
         with pytest.raises(ProcessLookupError):
