@@ -147,6 +147,7 @@ def process_pool(workers: int, initializer=None) -> Iterator[ProcessPoolExecutor
         yield ex
     except BaseException:
         procs = list((getattr(ex, "_processes", None) or {}).values())
+        manager = getattr(ex, "_executor_manager_thread", None)  # shutdown() forgets it
         ex.shutdown(wait=False, cancel_futures=True)
         for p in procs:
             if p.is_alive():
@@ -156,7 +157,6 @@ def process_pool(workers: int, initializer=None) -> Iterator[ProcessPoolExecutor
         # The pool's manager thread closes its wake-up pipe once it sees the workers gone; CPython 3.11's
         # exit hook (concurrent.futures.process._python_exit) writes to that pipe unlocked, and racing the
         # close it prints "Bad file descriptor" with a traceback. Joining the thread here ends the race.
-        manager = getattr(ex, "_executor_manager_thread", None)
         if manager is not None:
             manager.join(timeout=5)
         raise

@@ -8,7 +8,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
@@ -143,12 +142,11 @@ def test_pools_cancel_queued_work_and_terminate_workers_on_interrupt():
         with process_pool(2) as ex:
             pids = list(ex.map(_sleep, [0.01, 0.01]))
             ex.submit(_sleep, 60)
+            manager = ex._executor_manager_thread
             raise KeyboardInterrupt
     # its manager thread is gone too: left running, it races the interpreter's exit hook over its wake-up
     # pipe ("Bad file descriptor" tracebacks after Ctrl-C)
-    from concurrent.futures.process import _ExecutorManagerThread
-
-    assert not [t for t in threading.enumerate() if isinstance(t, _ExecutorManagerThread)]
+    assert not manager.is_alive()
     time.sleep(0.2)
     for pid in set(pids):
         with pytest.raises(ProcessLookupError):
